@@ -148,7 +148,9 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except Exception as error:  # OmegaConf's validation errors: wrong value types
-            raise ConfigError(str(error).splitlines()[0]) from None
+            key = getattr(error, "full_key", None)
+            where = f"config key '{key}': " if key else ""
+            raise ConfigError(where + str(error).splitlines()[0]) from None
     return cfg
 
 
