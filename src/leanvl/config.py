@@ -50,6 +50,7 @@ class SynthConfig:
     seed: int = 0
     workers: int = 0  # 0: one process per core
     crf: int = 20
+    captions_per_clip: int = 3  # distinct captions per pre-training clip
 
 
 @dataclass

@@ -28,7 +28,7 @@ class AnnotationError(ValueError):
 
     def __init__(self, path: str | os.PathLike, message: str, index: int | None = None,
                  field: str | None = None):
-        self.path, self.index, self.field = str(path), index, field
+        self.path, self.index, self.field, self.message = str(path), index, field, message
         where = self.path
         if index is not None:
             where += f": record {index}"

@@ -13,13 +13,12 @@ import os
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
 SAMPLINGS = ("rand", "middle", "uniform")
 BACKENDS = ("pyav", "decord")
-Source = Union[str, os.PathLike, bytes, io.IOBase]
+Source = str | os.PathLike | bytes | io.IOBase
 
 
 class VideoDecodeError(RuntimeError):
@@ -289,18 +288,10 @@ def read_all_frames(source: Source) -> np.ndarray:
         return np.stack(reader._decode_all())
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as a one-frame clip ``1 x H x W x 3`` uint8."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise VideoDecodeError(path, "file not found")
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except Exception as error:
-        raise VideoDecodeError(path, f"cannot decode image ({error})") from None
-    return image.permute(1, 2, 0).unsqueeze(0).numpy()
+def read_image(source: Source) -> np.ndarray:
+    """Read an image (path or encoded bytes; anything FFmpeg decodes) as ``1 x H x W x 3`` uint8."""
+    with PyAVReader(source) as reader:
+        return reader.get_frames([0]) if reader.fps else np.stack(reader._decode_all()[:1])
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0,

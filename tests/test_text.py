@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from leanvl.data.text import TextEncoder, VocabTruncation, load_tokenizer
+
+
+def test_offline_bert_uncased_vocabulary():
+    tokenizer = load_tokenizer("bert-base-uncased")
+    assert len(tokenizer) == 30522
+    ids = tokenizer("A Red Triangle moves LEFT.")["input_ids"]
+    assert ids == [101, 1037, 2417, 9546, 5829, 2187, 1012, 102]  # lower-cased WordPiece
+
+
+def test_local_tokenizer_folder_and_bad_name(tmp_path):
+    load_tokenizer("bert-base-uncased").save_pretrained(tmp_path)
+    assert len(load_tokenizer(str(tmp_path))) == 30522
+    with pytest.raises(ValueError, match="neither a local folder"):
+        load_tokenizer("no/such-tokenizer-anywhere")
+
+
+def test_text_encoder_pads_and_masks():
+    encoder = TextEncoder(max_len=8)
+    out = encoder(["a red square", "a very long caption that will not fit in eight tokens"])
+    assert out["text_ids"].shape == (2, 8) and out["text_mask"].shape == (2, 8)
+    assert out["text_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert out["text_ids"][1, -1] == encoder.special_id("sep")
+    assert encoder.special_id("pad") == 0
+
+
+def test_vocab_truncation_keeps_top_fraction_by_frequency():
+    tokenizer = load_tokenizer("bert-base-uncased")
+    corpus = ["a red square moves left"] * 50 + ["a blue circle"] * 5 + ["zebra"]
+    trunc = VocabTruncation.fit(corpus, tokenizer, keep_fraction=0.3)
+    assert trunc.vocab_size == round(30522 * 0.3)
+    encoder = TextEncoder(tokenizer, max_len=8, truncation=trunc)
+    unk = encoder.special_id("unk")
+    ids = encoder(["red square"])["text_ids"][0]
+    assert unk not in ids[:4].tolist() and int(ids.max()) < trunc.vocab_size
+    # the most frequent words get the smallest new ids, right after the special tokens
+    specials = len(set(tokenizer.all_special_ids))
+    red = tokenizer.convert_tokens_to_ids("red")
+    assert int(trunc(torch.tensor(red))) < specials + 6
+    # a word outside the kept set maps to [UNK]
+    # with room for 3 words besides the 5 specials, the rare word maps to [UNK]
+    tiny = VocabTruncation.fit(["red red red square"] * 50 + ["blue"] * 10 + ["zebra"],
+                               tokenizer, keep_fraction=8 / 30522)
+    assert tiny.vocab_size == 8
+    unk_new = int(tiny(torch.tensor(tokenizer.unk_token_id)))
+    assert int(tiny(torch.tensor(tokenizer.convert_tokens_to_ids("zebra")))) == unk_new
+    kept = [int(tiny(torch.tensor(tokenizer.convert_tokens_to_ids(w)))) for w in ("red", "square", "blue")]
+    assert kept == [5, 6, 7]
+
+
+def test_vocab_truncation_save_load(tmp_path):
+    tokenizer = load_tokenizer("bert-base-uncased")
+    trunc = VocabTruncation.fit(["hello world"], tokenizer, 0.1)
+    trunc.save(tmp_path / "vocab.json")
+    loaded = VocabTruncation.load(tmp_path / "vocab.json", tokenizer.unk_token_id)
+    assert torch.equal(loaded.table, trunc.table)
