@@ -6,6 +6,7 @@ only that section, so scripts can run in any order.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from pathlib import Path
@@ -19,8 +20,8 @@ HEADER = "# Benchmarks\n\nMeasured numbers; each section names the command that 
 def machine() -> str:
     """One line describing where the numbers were measured."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{device}, torch {torch.__version__}, Python {platform.python_version()}")
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def table(headers: list[str], rows: list[list]) -> str:
