@@ -83,12 +83,65 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Which registered model to build, with keyword overrides for ``create_model``."""
+
+    name: str = "umt_tiny"
+    pretrained: str = ""  # released weights folder (model.safetensors + config.json) or checkpoint
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (per-method defaults live in the presets)."""
+
+    task: str = "pretrain"  # pretrain | retrieval | qa | mc | classify
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 caps the number of optimizer steps
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 1.0
+    warmup_steps: int = 0  # > 0 overrides warmup_epochs
+    layer_decay: float = 1.0  # layer-wise lr decay for fine-tuning (< 1 to enable)
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max gradient norm; 0 disables
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    activation_checkpointing: bool = False
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = once per epoch
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # epochs between evaluations; 0 = only at the end
+    tensorboard: bool = False
+    resume: str = ""  # checkpoint path, or "auto" for the newest in out/
+    distributed_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation options shared by the tasks."""
+
+    rerank_k: int = 128  # retrieval: top-k candidates re-scored by the cross-encoder (0: off)
+    chunk_size: int = 1024  # retrieval: rows of the similarity matrix computed at a time
+    paragraph: bool = False  # retrieval: join all captions of a video into one query
+    mc_vtm_weight: float = 1.0  # multiple choice: score = w*softmax(VTM) + (1-w)*softmax(VTC)
+    qa_mode: str = "classify"  # classify (answer vocabulary head) | rank (answer list scoring)
+    batch_size: int = 32
+
+
+@dataclass
 class Config:
     """Everything one leanvl run needs."""
 
     out: str = "work/run"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 
