@@ -1,0 +1,119 @@
+"""Pre-training losses shared by the methods: VTC, VTM (with hard negatives), MLM, UTA.
+
+Conventions: embeddings passed to ``vtc_loss`` are L2-normalised; ``match`` logits are one
+number per pair (the log-odds of "match"), so VTM is a binary cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` over ranks along dim 0, keeping the gradient of the local slice.
+
+    ``torch.distributed.nn.functional.all_gather`` back-propagates into every rank's input, so
+    each rank's loss over the global batch reaches its own features. Single process: ``x``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def _rank_offset(local: int) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * local
+    return 0
+
+
+def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
+             temperature: torch.Tensor | float, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between normalised video and text embeddings, over the global batch.
+
+    ``ids`` (one per pair, e.g. the video index) marks pairs sharing a video as positives too,
+    with the target spread evenly over them; without it the diagonal is the only positive.
+    """
+    all_video = gather_with_grad(video_embedding)
+    all_text = gather_with_grad(text_embedding)
+    logits_v2t = video_embedding @ all_text.t() / temperature
+    logits_t2v = text_embedding @ all_video.t() / temperature
+    local = video_embedding.shape[0]
+    if ids is None:
+        target = torch.arange(local, device=video_embedding.device) + _rank_offset(local)
+        return (F.cross_entropy(logits_v2t, target) + F.cross_entropy(logits_t2v, target)) / 2
+    all_ids = gather_with_grad(ids)
+    positives = (ids.view(-1, 1) == all_ids.view(1, -1)).float()
+    target = positives / positives.sum(dim=1, keepdim=True)
+    loss_v2t = -(F.log_softmax(logits_v2t, dim=1) * target).sum(dim=1).mean()
+    loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * target).sum(dim=1).mean()
+    return (loss_v2t + loss_t2v) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, ids: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hard negative per sample in each direction, drawn from softmax(similarity).
+
+    ``similarity`` is the local B x B video-to-text score matrix (row i = video i). Returns
+    (negative text index for each video, negative video index for each text); positives
+    (the diagonal, or pairs sharing ``ids``) are never drawn.
+    """
+    size = similarity.shape[0]
+    if size < 2:
+        raise ValueError("hard negatives need a batch of at least 2 pairs")
+    if ids is None:
+        positive = torch.eye(size, dtype=torch.bool, device=similarity.device)
+    else:
+        positive = ids.view(-1, 1) == ids.view(1, -1)
+    if positive.all(dim=1).any():
+        raise ValueError("a sample has no negative in its batch (all pairs share its id)")
+    scores = similarity.float().masked_fill(positive, float("-inf"))
+    weights_v2t = torch.softmax(scores, dim=1)
+    weights_t2v = torch.softmax(scores.t(), dim=1)
+    # softmax of very peaked scores can underflow to all-zero rows: fall back to uniform
+    for weights in (weights_v2t, weights_t2v):
+        empty = weights.sum(dim=1) <= 0
+        if empty.any():
+            weights[empty] = (~positive[empty]).float()
+    negative_text = torch.multinomial(weights_v2t, 1, generator=generator).squeeze(1)
+    negative_video = torch.multinomial(weights_t2v, 1, generator=generator).squeeze(1)
+    return negative_text, negative_video
+
+
+def vtm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over matching pairs (label 1) and mined negatives (label 0)."""
+    logits = torch.cat([positive_logits.reshape(-1), negative_logits.reshape(-1)])
+    labels = torch.cat([torch.ones_like(positive_logits.reshape(-1)),
+                        torch.zeros_like(negative_logits.reshape(-1))])
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the masked positions (labels are -100 elsewhere)."""
+    if not (labels != -100).any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP) intact when nothing is masked
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def uta_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Unmasked token alignment: mean over layers and tokens of ``2 - 2 cos(student, teacher)``.
+
+    Both sides are L2-normalised per token, so this equals the summed squared error of the
+    normalised vectors (the MSE of the official code times the feature dimension).
+    """
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"UTA needs as many student as teacher layers, got {len(student)} "
+                         f"and {len(teacher)}")
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        if s.shape != t.shape:
+            raise ValueError(f"UTA shapes differ: student {tuple(s.shape)} vs teacher {tuple(t.shape)}")
+        cosine = (F.normalize(s.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(dim=-1)
+        losses.append((2 - 2 * cosine).mean())
+    return torch.stack(losses).mean()
