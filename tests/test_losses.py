@@ -28,9 +28,15 @@ def test_vtc_ids_spread_target_over_shared_videos():
     row_shared = math.log(2 * math.exp(10) + 1) - 10  # -(0.5 lsm_0 + 0.5 lsm_1)
     row_single = math.log(2 + math.exp(10)) - 10
     assert math.isclose(with_ids.item(), (2 * row_shared + row_single) / 3, rel_tol=1e-6)
-    # a text closer to the other copy of its video is no longer punished for it
-    text = F.normalize(torch.tensor([[1.0, 0.1], [1.0, 0], [0, 1.0]]), dim=-1)
-    assert vtc_loss(video, text, 0.1, ids=ids) < vtc_loss(video, text, 0.1)
+    # two different clips of video 7: each caption's target is split over both clips
+    video = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.0, 1.0]]), dim=-1)
+    text = F.normalize(torch.tensor([[1.0, 0.4], [1.0, 0.1], [0.1, 1.0]]), dim=-1)
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    logits = video @ text.t() / 0.1
+    expected = (-(F.log_softmax(logits, 1) * target).sum(1).mean()
+                - (F.log_softmax(logits.t(), 1) * target).sum(1).mean()) / 2
+    assert torch.allclose(vtc_loss(video, text, 0.1, ids=ids), expected)
+    assert not torch.allclose(vtc_loss(video, text, 0.1), expected)
 
 
 def test_hard_negatives_never_positive_and_prefer_similar():
