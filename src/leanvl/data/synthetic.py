@@ -1011,7 +1011,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
 
     Deterministic for a config (each clip's randomness comes from (seed, split, index)), the
     same for any number of workers, and resumable: clips whose mp4 a previous run wrote for
-    the same content (tracked in ``videos/manifest.jsonl``) are not encoded again.
+    the same content (tracked in ``videos/.manifest.jsonl``) are not encoded again.
     """
     from tqdm import tqdm
 
@@ -1021,7 +1021,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     held_out = held_out_combos(cfg.seed, cfg.held_out_fraction)
-    manifest_path = out / "videos" / "manifest.jsonl"
+    manifest_path = out / "videos" / ".manifest.jsonl"
     known = _load_manifest(manifest_path)
     sizes = _split_sizes(cfg)
     tasks = []
@@ -1032,7 +1032,8 @@ def generate(cfg: SynthConfig, progress: bool = True) -> dict[str, Any]:
             tasks.append({"cfg": dataclasses.asdict(cfg), "split": split, "start": start,
                           "stop": stop, "held_out": held_out,
                           "known": {n: known[n] for n in names if n in known}})
-    workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(cfg.workers or cores or 1, max(1, len(tasks)))
     chunks: dict[tuple[str, int], list] = {}
     encoded = 0
     pool, results = None, map(_run_chunk, tasks)
@@ -1111,6 +1112,31 @@ def _summarize(cfg: SynthConfig, files: dict[str, list], held_out: list, encoded
         "seconds": round(seconds, 2),
         "clips_per_second": round(clips / seconds, 1) if seconds > 0 else 0.0,
     }
+
+
+def sample_sheet(cfg: SynthConfig, clips: Sequence[tuple[str, int]], frames: int = 6,
+                 gap: int = 2, noise: float | None = None) -> np.ndarray:
+    """A picture (uint8 H x W x 3) of clips as rows of ``frames`` evenly spaced frames.
+
+    ``noise`` replaces the clips' noise level (0 gives a picture that compresses well).
+    """
+    cfg = _as_config(cfg)
+    held_out = held_out_combos(cfg.seed, cfg.held_out_fraction)
+    rows = []
+    for split, index in clips:
+        spec = scene_for(cfg, split, index, held_out)
+        if noise is not None:
+            spec = replace(spec, noise=float(noise))
+        video = render(spec, cfg.frames, cfg.size)
+        picks = np.linspace(0, cfg.frames - 1, frames).round().astype(int)
+        row = np.full((cfg.size, frames * (cfg.size + gap) - gap, 3), 255, np.uint8)
+        for k, t in enumerate(picks):
+            row[:, k * (cfg.size + gap):k * (cfg.size + gap) + cfg.size] = video[t]
+        rows.append(row)
+    sheet = np.full((len(rows) * (cfg.size + gap) - gap, rows[0].shape[1], 3), 255, np.uint8)
+    for k, row in enumerate(rows):
+        sheet[k * (cfg.size + gap):k * (cfg.size + gap) + cfg.size] = row
+    return sheet
 
 
 def format_summary(summary: dict[str, Any]) -> str:
