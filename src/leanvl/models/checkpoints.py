@@ -1,0 +1,249 @@
+"""Reading weight files and converting published checkpoints to leanvl's module names.
+
+Plain functions behind ``leanvl convert``; each takes a state dict (or a loaded checkpoint
+object with the weights under ``model`` / ``module`` / ``state_dict``) and returns state dicts
+that ``load_state_dict(strict=True)`` accepts.
+
+Module layouts the converted weights are meant for:
+
+- ``convert_umt_pretrain`` (UMT stage 1: ``encoder.*`` + ``clip_decoder.{i}.{head,norm}``)
+  returns ``(student, uta_heads)``: ``student`` loads into ``VideoViT.from_size("b16")`` (or
+  ``"l16"``), ``uta_heads`` into ``nn.ModuleList([AlignmentHead(768, 512) for _ in range(6)])``.
+  In a UMT model, name them so the mapping stays obvious: ``video_encoder`` = the VideoViT and
+  ``uta_heads`` = the ModuleList, i.e. ``encoder.X -> video_encoder.X`` and
+  ``clip_decoder.i.{head,norm} -> uta_heads.i.{head,norm}``. Head i aligns student block
+  ``depth - K + i`` (after the shared final ``norm``) with teacher block ``L - K + i``.
+- ``convert_umt_finetune`` (UMT action classifiers: no final ``norm``, ``fc_norm``, ``head``)
+  returns ``(student, classifier)``: ``VideoViT(..., final_norm=False)`` and
+  ``PooledClassifier(768, num_classes)`` (``fc_norm -> norm``, ``head -> head``).
+- ``convert_openai_clip_visual`` / ``convert_timm_clip_visual`` return a state dict for
+  ``CLIPVisionTeacher`` (OpenAI CLIP's visual names, 2-D ``conv1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+#: keys under which training scripts commonly nest the weights, tried in order
+WRAPPER_KEYS = ("model", "module", "state_dict", "model_state", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read or does not fit the module; the message names it."""
+
+
+def load_checkpoint_file(path: str | Path, allow_pickle: bool = False) -> Any:
+    """Read .safetensors, TorchScript archives (OpenAI CLIP's .pt) or torch.save files on CPU.
+
+    torch.save files are read with ``weights_only=True``; ``argparse.Namespace`` (which UMT
+    and DeiT-style scripts store next to the weights) is allowed. Anything else needs
+    ``allow_pickle=True``, which runs arbitrary code from the file: only for trusted files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            scripted = any(name.endswith("constants.pkl") for name in archive.namelist())
+        if scripted:
+            # OpenAI's released CLIP .pt files are TorchScript modules, not pickled dicts;
+            # torch.jit is deprecated but still the only reader of these files.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: not loadable with weights_only=True ({str(error).splitlines()[0]}); "
+                "pass allow_pickle=True only if you trust this file") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def unwrap_state_dict(checkpoint: Any) -> StateDict:
+    """The flat name -> tensor dict inside a checkpoint (under ``model``, ``module``, ...)."""
+    state = checkpoint
+    while isinstance(state, Mapping) and not _is_flat(state):
+        inner = next((state[key] for key in WRAPPER_KEYS if key in state), None)
+        if inner is None:
+            raise CheckpointError(f"no state dict found; top-level keys: {sorted(state)[:20]}")
+        state = inner
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"expected a state dict, got {type(state).__name__}")
+    state = dict(state)
+    # DistributedDataParallel prefixes every name with "module.".
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def _is_flat(state: Mapping) -> bool:
+    return bool(state) and all(isinstance(value, torch.Tensor) for value in state.values())
+
+
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
+                           source: str = "state dict") -> None:
+    """Strict ``load_state_dict`` whose error lists all missing/unexpected keys and the source."""
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys ({len(result.missing_keys)}): "
+                        + ", ".join(result.missing_keys))
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys ({len(result.unexpected_keys)}): "
+                        + ", ".join(result.unexpected_keys))
+    if problems:
+        raise CheckpointError(f"{source} does not match {type(module).__name__}: "
+                              + "; ".join(problems))
+
+
+def _check_sincos_buffer(name: str, value: torch.Tensor) -> None:
+    """Accept a stored ``pos_embed`` only if it is the fixed table VideoViT recomputes."""
+    from leanvl.nn.vit import sincos_table
+
+    table = value.reshape(-1, value.shape[-1]).float()
+    expected = sincos_table(table.shape[0], table.shape[1])
+    if not torch.allclose(table, expected, atol=1e-4):
+        raise CheckpointError(f"'{name}' is a learned position embedding; VideoViT only "
+                              "supports the fixed sine-cosine table")
+
+
+def convert_umt_pretrain(state_dict: Mapping[str, Any]) -> tuple[StateDict, StateDict]:
+    """UMT stage-1 checkpoint -> (VideoViT state, ModuleList-of-AlignmentHead state)."""
+    state = unwrap_state_dict(state_dict)
+    student: StateDict = {}
+    heads: StateDict = {}
+    unknown = []
+    for key, value in state.items():
+        if key == "encoder.pos_embed":
+            _check_sincos_buffer(key, value)
+        elif key.startswith("encoder."):
+            student[key[len("encoder."):]] = value
+        elif re.match(r"clip_decoder\.\d+\.(head|norm)\.(weight|bias)$", key):
+            heads[key[len("clip_decoder."):]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unexpected keys in a UMT pre-training checkpoint: {unknown}")
+    if not student:
+        raise CheckpointError("no 'encoder.*' keys: not a UMT pre-training checkpoint")
+    return student, heads
+
+
+def convert_umt_finetune(state_dict: Mapping[str, Any]) -> tuple[StateDict, StateDict]:
+    """UMT action-classification checkpoint -> (VideoViT state, PooledClassifier state)."""
+    state = unwrap_state_dict(state_dict)
+    student: StateDict = {}
+    classifier: StateDict = {}
+    for key, value in state.items():
+        if key == "pos_embed":
+            _check_sincos_buffer(key, value)
+        elif key.startswith("fc_norm."):
+            classifier["norm." + key[len("fc_norm."):]] = value
+        elif key.startswith("head."):
+            classifier[key] = value
+        else:
+            student[key] = value
+    if not classifier:
+        raise CheckpointError("no 'fc_norm.*' / 'head.*' keys: not a UMT fine-tuned classifier")
+    return student, classifier
+
+
+def _squeeze_patch_conv(state: StateDict, key: str) -> None:
+    weight = state.get(key)
+    if weight is None or weight.dim() == 4:
+        return
+    if weight.dim() == 5 and weight.shape[2] == 1:
+        # UMT inflates CLIP's patch conv to 1 x p x p; with one frame it is the same 2-D conv.
+        state[key] = weight[:, :, 0]
+        return
+    raise CheckpointError(f"'{key}' has shape {tuple(weight.shape)}; a frame-by-frame CLIP "
+                          "teacher needs a 2-D conv or a 3-D one with temporal size 1")
+
+
+def convert_openai_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
+    """OpenAI CLIP weights (visual tower, or a full model with ``visual.``) -> teacher state."""
+    state = unwrap_state_dict(state_dict)
+    if any(key.startswith("visual.") for key in state):
+        # A full CLIP model: keep the image tower, drop the text tower (whose names overlap,
+        # e.g. ``positional_embedding`` and ``transformer.resblocks``).
+        state = {key[len("visual."):]: value for key, value in state.items()
+                 if key.startswith("visual.")}
+    state = dict(state)
+    _squeeze_patch_conv(state, "conv1.weight")
+    return state
+
+
+_TIMM_TO_OPENAI = [
+    (r"^patch_embed\.proj\.weight$", "conv1.weight"),
+    (r"^norm_pre\.", "ln_pre."),
+    (r"^norm\.", "ln_post."),
+    (r"^blocks\.(\d+)\.norm1\.", r"transformer.resblocks.\1.ln_1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"transformer.resblocks.\1.ln_2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"transformer.resblocks.\1.attn.in_proj_weight"),
+    (r"^blocks\.(\d+)\.attn\.qkv\.bias$", r"transformer.resblocks.\1.attn.in_proj_bias"),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"transformer.resblocks.\1.attn.out_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj."),
+]
+
+
+def is_timm_clip_naming(state: Mapping[str, Any]) -> bool:
+    """True for timm's ViT names (``cls_token``, ``blocks.N``), False for OpenAI's."""
+    return "cls_token" in state or any(key.startswith("blocks.") for key in state)
+
+
+def convert_timm_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
+    """timm ``vit_*_clip_*`` weights -> teacher state (OpenAI names; ``head`` becomes ``proj``)."""
+    state = unwrap_state_dict(state_dict)
+    out: StateDict = {}
+    unknown = []
+    for key, value in state.items():
+        if key == "cls_token":
+            out["class_embedding"] = value.reshape(-1)
+        elif key == "pos_embed":
+            out["positional_embedding"] = value.reshape(-1, value.shape[-1])
+        elif key == "head.weight":
+            out["proj"] = value.t().contiguous()
+        elif key in ("head.bias", "patch_embed.proj.bias"):
+            # timm adds these as zeros when it converts OpenAI weights; CLIP has neither.
+            if bool(value.count_nonzero()):
+                raise CheckpointError(f"'{key}' is non-zero; CLIP's visual tower has no such bias")
+        else:
+            for pattern, replacement in _TIMM_TO_OPENAI:
+                new, hits = re.subn(pattern, replacement, key)
+                if hits:
+                    out[new] = value
+                    break
+            else:
+                unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"timm keys with no CLIP equivalent: {unknown}")
+    _squeeze_patch_conv(out, "conv1.weight")
+    return out
+
+
+def convert_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
+    """Either naming (OpenAI or timm) -> teacher state, detected from the keys."""
+    state = unwrap_state_dict(state_dict)
+    if is_timm_clip_naming(state):
+        return convert_timm_clip_visual(state)
+    return convert_openai_clip_visual(state)
