@@ -1,0 +1,44 @@
+"""Mixed precision: ``train.precision`` -> an autocast context and, for fp16 only, a GradScaler.
+
+``auto`` means bf16 on a GPU that supports it (fp16 on older GPUs) and fp32 on the CPU, where
+autocast rarely pays off for training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> bf16 / fp16 / fp32 for ``device``; other names are validated."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, "
+                         f"got {precision!r}")
+    device = torch.device(device)
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The autocast context for a resolved precision (a no-op context for fp32)."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def make_grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (its narrow range needs loss scaling); None otherwise."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -1,0 +1,117 @@
+"""A tiny model and dataset implementing the engine's contract, shared by tests/test_engine.py
+and the torchrun script beside this file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from leanvl.config import load_config
+
+
+class ToyDataset(Dataset):
+    """``n`` random feature vectors with a linear target; ``bad`` indices report a skipped file."""
+
+    def __init__(self, n: int = 24, dim: int = 6, seed: int = 0, bad: tuple[int, ...] = ()):
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=generator)
+        weight = 0.3 * torch.randn(dim, 2, generator=generator)
+        self.y = self.x @ weight + 0.1 * torch.randn(n, 2, generator=generator)
+        self.bad = set(bad)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"video": self.x[index], "target": self.y[index], "index": index,
+                "caption": f"item {index}",
+                "skipped": [f"broken_{index}.mp4"] if index in self.bad else []}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dict batches like the real Collator: stacked tensors, lists kept as lists."""
+    return {"video": torch.stack([s["video"] for s in samples]),
+            "target": torch.stack([s["target"] for s in samples]),
+            "index": torch.tensor([s["index"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "skipped": [name for s in samples for name in s["skipped"]]}
+
+
+class ToyModel(nn.Module):
+    """An MLP regressor with dropout, a frozen 'teacher' and a position-like parameter."""
+
+    frozen_prefixes = ("teacher.",)
+
+    def __init__(self, dim: int = 6, hidden: int = 16, dropout: float = 0.2):
+        super().__init__()
+        self.embed = nn.Linear(dim, hidden)
+        self.pos = nn.Parameter(torch.zeros(1, hidden))
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, 2)
+        self.teacher = nn.Linear(dim, 2)
+        self.register_buffer("teacher_scale", torch.ones(2))
+        self.calls = 0
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos"}
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(F.gelu(self.norm(self.embed(video) + self.pos))))
+
+    def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        assert isinstance(batch["caption"], list)  # lists travel untouched
+        self.calls += 1
+        prediction = self(batch["video"])
+        with torch.no_grad():
+            teacher = self.teacher(batch["video"]) * self.teacher_scale
+        return {"regression": F.mse_loss(prediction, batch["target"]),
+                "distill": F.mse_loss(prediction, teacher)}
+
+
+def toy_config(out: str | Path, overrides: list[str] = ()) -> Any:
+    """A fast fp32 recipe writing to ``out``."""
+    base = [f"out={out}", "seed=3", "train.epochs=3", "train.lr=0.02", "train.min_lr=0.001",
+            "train.warmup_steps=2", "train.weight_decay=0.05", "train.log_every=1",
+            "train.precision=fp32", "train.loss_weights={distill: 0.5}",
+            "data.max_bad_fraction=0.5"]
+    return load_config(None, base + list(overrides))
+
+
+def run_ddp_toy(out: str | Path, global_batch: int = 8) -> dict[str, Any] | None:
+    """Train the dropout-free toy with ``global_batch`` split over the ranks; rank 0 returns
+    (and writes to ``out/result.json``) the losses and final parameters."""
+    from leanvl.engine import distributed
+    from leanvl.engine.trainer import Trainer
+
+    distributed.init_distributed("gloo")
+    world, rank = distributed.world_size(), distributed.rank()
+    torch.manual_seed(0)
+    model = ToyModel(dropout=0.0)
+    dataset = ToyDataset(n=32)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0,
+                                 drop_last=True)
+    loader = DataLoader(dataset, batch_size=global_batch // world, sampler=sampler,
+                        collate_fn=collate, drop_last=True)
+    cfg = toy_config(out, ["train.epochs=2", "train.clip_grad=1.0"])
+    result = Trainer(cfg, model, loader, device="cpu", progress=False).fit()
+    summary = None
+    if rank == 0:
+        summary = {"world_size": world,
+                   "losses": [h["loss"] for h in result["history"]],
+                   "regression": [h["regression"] for h in result["history"]],
+                   "params": {k: v.tolist() for k, v in model.state_dict().items()}}
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps(summary))
+    distributed.cleanup()
+    return summary
