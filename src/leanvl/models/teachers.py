@@ -248,6 +248,26 @@ class CLIPVisionTeacher(VideoTeacher):
         patches = patches.permute(0, 2, 3, 1).reshape(height * width, -1).to(pos.dtype)
         return torch.cat([pos[:1], patches])
 
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[CLS] + patch tokens after ln_pre (B x (1 + h*w) x D) and the patch grid (h, w)."""
+        x = self.conv1(images.to(self.conv1.weight.dtype))
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(h, w).to(x.dtype)
+        return self.ln_pre(x), (h, w)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding ``ln_post(x[CLS]) @ proj`` (B x out_dim), with gradients.
+
+        Used to train a small CLIP when no pretrained weights are at hand (the demo).
+        """
+        x, _ = self.tokens(images)
+        for block in self.transformer.resblocks:
+            x, _ = block(x)
+        x = self.ln_post(x[:, 0])
+        return x @ self.proj if self.proj is not None else x
+
     @torch.no_grad()
     def forward(self, video: torch.Tensor, return_layers: int | None = None) -> TeacherOutput:
         """Video B x T x 3 x H x W (or an image batch B x 3 x H x W) -> targets and attention."""
@@ -260,12 +280,7 @@ class CLIPVisionTeacher(VideoTeacher):
         if not 1 <= count <= len(blocks):
             raise ValueError(f"return_layers must be in [1, {len(blocks)}], got {count}")
         B, T = video.shape[:2]
-        x = self.conv1(video.flatten(0, 1).to(self.conv1.weight.dtype))
-        h, w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_embedding(h, w).to(x.dtype)
-        x = self.ln_pre(x)
+        x, (h, w) = self.tokens(video.flatten(0, 1))
         outputs = []
         weights = None
         for i, block in enumerate(blocks):

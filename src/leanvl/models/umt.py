@@ -1,0 +1,256 @@
+"""Unmasked Teacher (UMT): masked video distillation from a frozen CLIP, then vision-language
+pre-training (REFERENCE.md, papers/unmasked-teacher.txt).
+
+Stage 1 (``stage=1``): the student ``VideoViT`` sees only the tokens kept by the teacher's
+semantic mask; its last K layers, through per-layer alignment heads, are aligned with the
+teacher's last K layers at those unmasked positions (UTA).
+Stage 2 (``stage=2``): plus a BERT text encoder whose last layers cross-attend to the (masked)
+video tokens; losses VTC + VTM (hard negatives) + MLM + UTA. Images are one-frame videos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanvl.config import CLIP_MEAN, CLIP_STD
+from leanvl.losses import mlm_loss, sample_hard_negatives, uta_loss, vtc_loss, vtm_loss
+from leanvl.masking import random_mask, semantic_mask, tube_mask
+from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
+from leanvl.models.registry import register_model
+from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
+from leanvl.nn.text import BertTextEncoder, mask_tokens
+from leanvl.nn.vit import VIT_SIZES, AlignmentHead, VideoViT
+
+MASK_TYPES = ("semantic", "random", "tube", "none")
+# BERT-uncased special token ids (override for other tokenizers / truncated vocabularies).
+BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+
+
+def build_teacher(teacher: str, return_layers: int, **kwargs: Any) -> CLIPVisionTeacher:
+    """A CLIP teacher from a size name (random weights: tests, profiling) or a weights file."""
+    if teacher in CLIP_SIZES:
+        return CLIPVisionTeacher.from_size(teacher, return_layers=return_layers, **kwargs)
+    return CLIPVisionTeacher.from_file(teacher, return_layers=return_layers, **kwargs)
+
+
+class UMT(VideoLanguageModel):
+    """UMT student (+ text side in stage 2) with an optional frozen teacher."""
+
+    frozen_prefixes = ("teacher.",)
+
+    def __init__(self, vision: dict[str, Any], text: dict[str, Any] | None = None,
+                 stage: int = 2, teacher: str = "", teacher_kwargs: dict[str, Any] | None = None,
+                 uta_layers: int = 6, embed_dim: int = 256, video_mask_ratio: float = 0.8,
+                 image_mask_ratio: float = 0.5, mask_type: str = "semantic",
+                 mlm_ratio: float = 0.5, temperature: float = 0.07,
+                 input_mean: Sequence[float] = CLIP_MEAN, input_std: Sequence[float] = CLIP_STD,
+                 text_pretrained: str = "", special_ids: dict[str, int] | None = None):
+        super().__init__()
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if stage == 1 and not teacher:
+            raise ValueError("UMT stage 1 distils from a teacher: set teacher= to a CLIP weights "
+                             "file (or a size name for random weights)")
+        self.stage, self.mask_type = stage, mask_type
+        self.video_mask_ratio, self.image_mask_ratio = video_mask_ratio, image_mask_ratio
+        self.mlm_ratio = mlm_ratio
+        self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
+        self.video_encoder = VideoViT(**vision)
+        self.video_dim = self.video_encoder.dim
+        self.teacher: CLIPVisionTeacher | None = None
+        self.uta_layers = 0
+        if teacher:
+            layers = min(uta_layers, self.video_encoder.depth)
+            self.teacher = build_teacher(teacher, layers, **(teacher_kwargs or {}))
+            self.uta_layers = layers
+            self.uta_heads = nn.ModuleList(AlignmentHead(self.video_dim, self.teacher.out_dim)
+                                           for _ in range(layers))
+        self.specials = {**BERT_SPECIALS, **(special_ids or {})}
+        self.text_encoder: BertTextEncoder | None = None
+        if stage == 2:
+            text = dict(text or {})
+            if text_pretrained:
+                fusion = text.pop("fusion_layers", 3)
+                self.text_encoder = BertTextEncoder.from_pretrained(
+                    text_pretrained, fusion_layers=fusion, video_dim=self.video_dim, mlm_head=True)
+            else:
+                self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim, mlm_head=True)
+            hidden = self.text_encoder.hidden_size
+            self.vision_proj = nn.Linear(self.video_dim, embed_dim)
+            self.text_proj = nn.Linear(hidden, embed_dim)
+            self.itm_head = nn.Linear(hidden, 1)
+            self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
+            self.fused_dim = hidden
+        self.embed_dim = embed_dim
+
+    # ---- contract -------------------------------------------------------------------------
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Learnable VTC temperature, clamped to [0.001, 0.5] as in UMT's code."""
+        return self.log_temperature.exp().clamp(0.001, 0.5)
+
+    def _require_text(self) -> BertTextEncoder:
+        if self.text_encoder is None:
+            raise RuntimeError("this UMT is a stage-1 (video-only) model: it has no text side; "
+                               "build it with stage=2")
+        return self.text_encoder
+
+    def _video_features(self, tokens: torch.Tensor) -> VideoFeatures:
+        embedding = F.normalize(self.vision_proj(tokens.mean(dim=1)), dim=-1) \
+            if self.text_encoder is not None else F.normalize(tokens.mean(dim=1), dim=-1)
+        return VideoFeatures(tokens=tokens, embedding=embedding)
+
+    def encode_video(self, video: torch.Tensor) -> VideoFeatures:
+        """All tokens of the student (no masking at inference) and the pooled embedding."""
+        return self._video_features(self.video_encoder(video))
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> TextFeatures:
+        """Text-only BERT layers; the embedding is the projected [CLS]."""
+        tokens = self._require_text()(text_ids, text_mask)
+        embedding = F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+        return TextFeatures(tokens=tokens, mask=text_mask, embedding=embedding)
+
+    def fused_cls(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """[CLS] of the fusion layers over (text, video): B x hidden."""
+        return self._require_text().fuse(text.tokens, text.mask, video.tokens, video.mask)[:, 0]
+
+    def match(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """VTM log-odds of each row-aligned (video, text) pair: B."""
+        return self.itm_head(self.fused_cls(video, text)).squeeze(-1)
+
+    # ---- pre-training ---------------------------------------------------------------------
+    def make_mask(self, video: torch.Tensor, attention: torch.Tensor | None,
+                  generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The student's token mask (True = dropped) for this batch, or None when unmasked."""
+        frames = video.shape[1] if video.dim() == 5 else 1
+        ratio = self.image_mask_ratio if frames == 1 else self.video_mask_ratio
+        if self.mask_type == "none" or ratio <= 0:
+            return None
+        grid = (video.shape[-2] // self.video_encoder.patch_embed.patch_size,
+                video.shape[-1] // self.video_encoder.patch_embed.patch_size)
+        patches = grid[0] * grid[1]
+        if self.mask_type == "semantic":
+            if attention is None:
+                raise RuntimeError("semantic masking needs a teacher: set teacher= to a CLIP "
+                                   "weights file, or mask_type=random/tube/none")
+            return semantic_mask(attention, ratio, generator=generator)
+        if self.mask_type == "tube":
+            return tube_mask(video.shape[0], frames, patches, ratio, generator, video.device)
+        return random_mask(video.shape[0], frames * patches, ratio, generator, video.device)
+
+    def _distill(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                      torch.Tensor | None]:
+        """Student tokens on the visible positions and the UTA loss (None without a teacher)."""
+        targets = attention = None
+        if self.teacher is not None:
+            teacher_input = self.teacher.renormalize(video, self.input_mean, self.input_std)
+            output = self.teacher(teacher_input)
+            targets, attention = output.layers, output.attention
+        mask = self.make_mask(video, attention)
+        tokens, layers = self.video_encoder.forward_features(video, mask,
+                                                             return_layers=self.uta_layers)
+        if targets is None:
+            return tokens, mask, None
+        if mask is not None:
+            keep = ~mask
+            targets = [t[keep].reshape(t.shape[0], -1, t.shape[-1]) for t in targets]
+        aligned = [head(layer) for head, layer in zip(self.uta_heads, layers, strict=True)]
+        return tokens, mask, uta_loss(aligned, targets)
+
+    def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Stage 1: {uta}; stage 2: {vtc, vtm, mlm} (+ uta when a teacher is set)."""
+        video = batch["video"]
+        tokens, _, uta = self._distill(video)
+        losses: dict[str, torch.Tensor] = {}
+        if uta is not None:
+            losses["uta"] = uta
+        if self.stage == 1:
+            return losses
+        text_encoder = self._require_text()
+        ids, text_mask = batch["text_ids"], batch["text_mask"]
+        video_feats = self._video_features(tokens)
+        text_feats = self.encode_text(ids, text_mask)
+        pair_ids = batch.get("index")
+        losses["vtc"] = vtc_loss(video_feats.embedding, text_feats.embedding, self.temperature,
+                                 ids=pair_ids)
+        # VTM: B positives, B (video, hard text) and B (hard video, text) negatives.
+        similarity = (video_feats.embedding @ text_feats.embedding.t()).detach()
+        negative_text, negative_video = sample_hard_negatives(similarity, ids=pair_ids)
+        positive = self.match(video_feats, text_feats)
+        negative = torch.cat([self.match(video_feats, text_feats.index(negative_text)),
+                              self.match(video_feats.index(negative_video), text_feats)])
+        losses["vtm"] = vtm_loss(positive, negative)
+        # MLM: masked caption tokens predicted from the fused (text, video) features.
+        special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
+        masked_ids, labels = mask_tokens(ids, text_mask, text_encoder.config.vocab_size,
+                                         self.specials["mask"], special, self.mlm_ratio)
+        masked_tokens = text_encoder(masked_ids, text_mask)
+        fused = text_encoder.fuse(masked_tokens, text_mask, tokens)
+        losses["mlm"] = mlm_loss(text_encoder.mlm_logits(fused), labels)
+        return losses
+
+    # ---- engine hooks ---------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay besides biases and norms."""
+        return {"log_temperature"}
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the video encoder, for layer-wise lr decay."""
+        return self.video_encoder.depth
+
+    def layer_id(self, name: str) -> int:
+        """0 for the patch embedding, i + 1 for video block i, the top for everything else."""
+        if name.startswith("video_encoder.patch_embed"):
+            return 0
+        if name.startswith("video_encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.num_layers + 1
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the video encoder's blocks."""
+        self.video_encoder.activation_checkpointing = enable
+
+
+TEXT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "text_layers": 2, "fusion_layers": 2, "num_heads": 2,
+             "intermediate_size": 512, "max_positions": 64},
+    "base": {"hidden_size": 768, "text_layers": 9, "fusion_layers": 3, "num_heads": 12,
+             "intermediate_size": 3072},
+    "large": {"hidden_size": 1024, "text_layers": 19, "fusion_layers": 5, "num_heads": 16,
+              "intermediate_size": 4096},
+}
+
+
+def _umt(vision_size: str, text_size: str, drop_path: float, vision: dict | None,
+         text: dict | None, **kwargs) -> UMT:
+    vision = {**VIT_SIZES[vision_size], "drop_path_rate": drop_path, **(vision or {})}
+    text = {**TEXT_SIZES[text_size], **(text or {})}
+    return UMT(vision=vision, text=text, **kwargs)
+
+
+@register_model("umt_tiny")
+def umt_tiny(vision: dict | None = None, text: dict | None = None, **kwargs) -> UMT:
+    """CPU-sized UMT: ViT 192/4/3 and a 4-layer 128-wide BERT (2 text + 2 fusion layers)."""
+    kwargs.setdefault("embed_dim", 128)
+    kwargs.setdefault("uta_layers", 2)
+    return _umt("tiny", "tiny", 0.0, vision, text, **kwargs)
+
+
+@register_model("umt_b16")
+def umt_b16(vision: dict | None = None, text: dict | None = None, **kwargs) -> UMT:
+    """UMT-B/16: ViT-B/16 student, BERT-base (9 text + 3 fusion); teacher: CLIP-ViT-B/16 file."""
+    return _umt("b16", "base", 0.1, vision, text, **kwargs)
+
+
+@register_model("umt_l16")
+def umt_l16(vision: dict | None = None, text: dict | None = None, **kwargs) -> UMT:
+    """UMT-L/16: ViT-L/16 student, BERT-large (19 text + 5 fusion); teacher: CLIP-ViT-L/14 file."""
+    return _umt("l16", "large", 0.2, vision, text, **kwargs)

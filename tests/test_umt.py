@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from leanvl import create_model
+from leanvl.models.umt import UMT
+
+TEACHER = {"teacher": "tiny", "teacher_kwargs": {"image_size": 32}}
+
+
+def _batch(batch_size=4, frames=2, size=32):
+    ids = torch.randint(1000, 3000, (batch_size, 10))
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {"video": torch.randn(batch_size, frames, 3, size, size), "text_ids": ids,
+            "text_mask": torch.ones_like(ids), "index": torch.arange(batch_size)}
+
+
+def test_stage_losses_and_frozen_teacher():
+    torch.manual_seed(0)
+    stage1 = create_model("umt_tiny", stage=1, **TEACHER)
+    assert set(stage1.pretrain_losses(_batch())) == {"uta"}
+    assert stage1.text_encoder is None
+    stage2 = create_model("umt_tiny", stage=2, **TEACHER)
+    losses = stage2.pretrain_losses(_batch())
+    assert set(losses) == {"uta", "vtc", "vtm", "mlm"}
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in stage2.teacher.parameters())
+    assert all(not p.requires_grad for p in stage2.teacher.parameters())
+    assert stage2.video_encoder.blocks[0].attn.qkv.weight.grad is not None
+    no_teacher = create_model("umt_tiny", mask_type="random")
+    assert set(no_teacher.pretrain_losses(_batch())) == {"vtc", "vtm", "mlm"}
+
+
+def test_student_sees_only_unmasked_tokens_chosen_by_teacher_attention():
+    torch.manual_seed(0)
+    model = create_model("umt_tiny", stage=1, video_mask_ratio=0.75, **TEACHER)
+    video = torch.randn(2, 2, 3, 32, 32)  # 2 frames x 4 patches
+    output = model.teacher(model.teacher.renormalize(video, model.input_mean, model.input_std))
+    mask = model.make_mask(video, output.attention, torch.Generator().manual_seed(0))
+    assert mask.shape == (2, 8) and mask.view(2, 2, 4).sum(-1).eq(3).all()  # 75% per frame
+    tokens, _, uta = model._distill(video)
+    assert tokens.shape == (2, 2, 192) and uta is not None
+    images = torch.randn(2, 1, 3, 32, 32)
+    assert model.make_mask(images, model.teacher(images).attention).sum(1).eq(2).all()  # 50%
+
+
+def test_uta_training_aligns_student_with_teacher():
+    torch.manual_seed(0)
+    model = create_model("umt_tiny", stage=1, **TEACHER)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = _batch(frames=2)
+    first = None
+    for _ in range(30):
+        loss = model.pretrain_losses(batch)["uta"]
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_contract_shapes_and_errors():
+    model = create_model("umt_tiny")
+    batch = _batch()
+    video = model.encode_video(batch["video"])
+    text = model.encode_text(batch["text_ids"], batch["text_mask"])
+    assert video.embedding.shape == (4, 128) and torch.allclose(video.embedding.norm(dim=-1), torch.ones(4))
+    assert model.similarity(video, text).shape == (4, 4) and model.match(video, text).shape == (4,)
+    assert model.fused_cls(video, text).shape == (4, 128)
+    with pytest.raises(RuntimeError, match="semantic masking needs a teacher"):
+        model.pretrain_losses(batch)
+    with pytest.raises(ValueError, match="stage 1 distils from a teacher"):
+        create_model("umt_tiny", stage=1)
+    with pytest.raises(ValueError, match="did you mean 'umt_tiny'"):
+        create_model("umt_tinny")
+    assert isinstance(model, UMT) and model.layer_id("video_encoder.blocks.2.mlp.fc1.weight") == 3
+
+
+def test_official_stage1_checkpoint_loads_into_umt_b16():
+    from leanvl.models.checkpoints import convert_umt_pretrain
+    from tests.test_checkpoints import reference_state  # names and shapes of the official file
+
+    with torch.device("meta"):
+        model = create_model("umt_b16", stage=1, teacher="b16")
+    student, heads = convert_umt_pretrain({"model": reference_state("umt_pretrain_b16_keys.txt")})
+    assert model.video_encoder.load_state_dict(student, strict=True, assign=True)
+    assert model.uta_heads.load_state_dict(heads, strict=True, assign=True)
