@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads, and when the cores are busy (DataLoader
+# workers, other processes) OpenMP spin-waiting makes small matmuls orders of magnitude slower.
+torch.set_num_threads(1)
 
 from leanvl.data.annotations import write_annotations
 from leanvl.data.video import write_video
