@@ -61,6 +61,7 @@ def test_reversed_spec_renders_the_frames_backwards_bit_for_bit(seed, kind, fram
     backward = synth.render(spec.reversed(), frames, 32)
     np.testing.assert_array_equal(backward, forward[::-1])
     assert spec.reversed().reversed() == spec
+    assert synth.SceneSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     # The mechanism, exactly: every object's state at t equals its reversal's at T-1-t.
     for obj in spec.objects:
         for t in range(frames):

@@ -229,6 +229,7 @@ class ObjectSpec:
             radius = radius * (1 + _PULSE * (2 * bump / (b - a)))
         return x, y, angle, radius, opacity
 
+    @property
     def facts(self) -> dict[str, Any]:
         """The object's describable facts."""
         return {"colour": self.colour, "shape": self.shape, "size": self.size,
@@ -268,7 +269,7 @@ class SceneSpec:
         """Everything a caption states, as JSON-serialisable data."""
         return {"count": len(self.objects), "background": self.background,
                 "background_colour": self.background_colour,
-                "objects": [o.facts() for o in self.objects], "order": self.order}
+                "objects": [o.facts for o in self.objects], "order": self.order}
 
     def temporal_facts(self) -> list[str]:
         """Keys (as in :func:`fact_differences`) of the facts that time reversal flips."""
