@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from leanvl.data.annotations import write_annotations
+from leanvl.data.video import write_video
+
 # Tiny models gain nothing from intra-op threads, and when the cores are busy (DataLoader
 # workers, other processes) OpenMP spin-waiting makes small matmuls orders of magnitude slower.
 torch.set_num_threads(1)
-
-from leanvl.data.annotations import write_annotations
-from leanvl.data.video import write_video
 
 
 def ramp_frames(num_frames: int = 8, height: int = 32, width: int = 48, offset: int = 0) -> np.ndarray:

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from leanvl import __version__
 
@@ -114,17 +113,11 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate the synthetic benchmark into the demo folder and print its summary."""
-    from leanvl.data import synthetic
+    """The UMT demo on the synthetic benchmark (see leanvl.demo)."""
+    from leanvl.demo import run_demo
 
-    args.out = str(Path(args.out) / "synth")
-    if args.quick:
-        args.overrides = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200",
-                          "classify_train_clips=200", "classify_test_clips=100"] + args.overrides
-    synth = _synth_config(args)
-    summary = synthetic.generate(synth, progress=not args.quiet)
-    print(synthetic.format_summary(summary))
-    print(f"\nbenchmark written to {synth.out}; training on it arrives with the engine.")
+    run_demo(args.out, quick=args.quick, progress=not args.quiet, ablation=args.ablation,
+             synth_overrides=args.overrides, teacher=args.teacher)
     return 0
 
 
@@ -161,11 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and threads")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="generate the synthetic benchmark and run the demo")
+    p = sub.add_parser("demo", help="UMT on the synthetic benchmark, on the CPU: teacher, "
+                       "stage 1, stage 2, zero-shot evaluation, report")
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
-    p.add_argument("--quick", action="store_true", help="a smaller benchmark")
+    p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")
+    p.add_argument("--ablation", action="store_true",
+                   help="stage 2 alone (no stage 1, no UTA) with the same stage-2 budget")
+    p.add_argument("--teacher", help="CLIP visual weights to distil from (skips the demo teacher)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="synthetic benchmark options")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="synthetic benchmark options (SynthConfig fields)")
     p.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="data tools: synth, check, convert, shard")

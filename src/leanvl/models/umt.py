@@ -193,10 +193,26 @@ class UMT(VideoLanguageModel):
                                          self.specials["mask"], special, self.mlm_ratio)
         masked_tokens = text_encoder(masked_ids, text_mask)
         fused = text_encoder.fuse(masked_tokens, text_mask, tokens)
-        losses["mlm"] = mlm_loss(text_encoder.mlm_logits(fused), labels)
+        # vocabulary logits only where there is a label: the 30k-way softmax dominates otherwise
+        predicted = labels != -100
+        losses["mlm"] = mlm_loss(text_encoder.mlm_logits(fused[predicted]), labels[predicted])
         return losses
 
     # ---- engine hooks ---------------------------------------------------------------------
+    def release_config(self) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """Released weights leave out the teacher and the UTA heads (pre-training only).
+
+        Continuing distillation from released weights means passing ``teacher=`` again.
+        """
+        kwargs = dict(getattr(self, "registry_kwargs", {}))
+        if self.teacher is None:
+            return kwargs, ()
+        kwargs.pop("teacher", None)
+        kwargs.pop("teacher_kwargs", None)
+        if self.mask_type == "semantic":
+            kwargs["mask_type"] = "random"
+        return kwargs, ("teacher.", "uta_heads.")
+
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay besides biases and norms."""
         return {"log_temperature"}

@@ -1,0 +1,151 @@
+"""Pre-training: build the model, data and trainer from a ``Config`` and run.
+
+``run_pretrain(cfg)`` is what ``leanvl pretrain PRESET k=v ...`` calls. The same builders serve
+the fine-tuning and evaluation commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanvl.data.datasets import Collator, MixedLoader, build_dataset, make_loader
+from leanvl.data.text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads(num_workers: int) -> None:
+    """On CPU, leave one core per DataLoader worker: oversubscribed OpenMP threads spin-wait
+    and make small matmuls far slower than a single thread would."""
+    if torch.cuda.is_available():
+        return
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - max(0, num_workers)))
+
+
+def build_text_encoder(data_cfg: Any) -> TextEncoder:
+    """The tokenizer of ``data.tokenizer`` padded to ``data.max_text_len``."""
+    return TextEncoder(data_cfg.tokenizer, data_cfg.max_text_len)
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    """``create_model(model.name, **model.kwargs)``, then ``model.pretrained`` weights if set.
+
+    Weights from another stage may lack whole top-level modules (a stage-1 model has no text
+    side): those start from scratch and are logged; a module that is present must load fully.
+    """
+    from omegaconf import OmegaConf
+
+    from leanvl.engine.checkpoint import load_weights
+    from leanvl.models.registry import create_model
+
+    kwargs = model_cfg.kwargs
+    if not isinstance(kwargs, dict):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    model = create_model(model_cfg.name, **kwargs)
+    if model_cfg.pretrained:
+        path = Path(model_cfg.pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"model.pretrained: {path} does not exist")
+        fresh = missing_prefixes(model, path)
+        load_weights(model, path, allow_missing=fresh)
+        log.info("initialised %s from %s; trained from scratch: %s", model_cfg.name, path,
+                 ", ".join(fresh) or "nothing")
+    return model
+
+
+def missing_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
+    """Top-level modules of ``model`` that the weights at ``path`` do not contain."""
+    from leanvl.engine.checkpoint import WEIGHTS_NAME, read_safetensors
+
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if weights.suffix != ".safetensors":
+        return ()
+    present = {key.split(".")[0] for key in read_safetensors(weights)}
+    return tuple(f"{name}." for name, _ in model.named_children() if name not in present) + \
+        tuple(name for name, _ in model.named_parameters(recurse=False) if name not in present)
+
+
+def build_train_loader(cfg: Any, text: TextEncoder, kind: str | None = None, **dataset_kwargs):
+    """The training loader: ``data.train`` (plus ``data.image_train`` mixed in by batches)."""
+    data = cfg.data
+    if not data.train:
+        raise ValueError("data.train is not set: give an annotation file or shard folder")
+    collate = Collator(text)
+    video = build_dataset(data.train, data.root or None, data, train=True, kind=kind,
+                          seed=cfg.seed, **dataset_kwargs)
+    loader = make_loader(video, data.batch_size, collate, train=True,
+                         num_workers=data.num_workers, seed=cfg.seed)
+    if not data.image_train:
+        return loader
+    images = build_dataset(data.image_train, data.root or None, data, train=True, kind="image",
+                           seed=cfg.seed)
+    image_loader = make_loader(images, data.batch_size, collate, train=True,
+                               num_workers=data.num_workers, seed=cfg.seed)
+    ratios = None
+    if data.image_ratio > 0:
+        ratios = {"video": 1 - data.image_ratio, "image": data.image_ratio}
+    return MixedLoader({"video": loader, "image": image_loader}, ratios=ratios, seed=cfg.seed)
+
+
+def retrieval_callback(cfg: Any, text: TextEncoder, device: torch.device):
+    """Zero-shot retrieval on ``data.test`` after training (None when it is not set)."""
+    if not cfg.data.test:
+        return None
+    from leanvl.tasks.retrieval import evaluate_retrieval
+
+    dataset = build_dataset(cfg.data.test, cfg.data.root or None, cfg.data, train=False,
+                            kind="retrieval")
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return evaluate_retrieval(model, dataset, text, cfg.eval, device,
+                                  batch_size=cfg.eval.batch_size,
+                                  num_workers=cfg.data.num_workers)
+
+    return evaluate
+
+
+def release(model: nn.Module, folder: str | Path) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` for downstream use.
+
+    A model may define ``release_config() -> (kwargs, exclude_prefixes)`` to leave out what only
+    pre-training needs (UMT drops its teacher and alignment heads); otherwise frozen modules
+    are left out and the registry kwargs kept.
+    """
+    from leanvl.engine.checkpoint import save_pretrained
+    from leanvl.engine.optim import frozen_prefixes_of
+
+    if hasattr(model, "release_config"):
+        kwargs, exclude = model.release_config()
+    else:
+        kwargs, exclude = dict(getattr(model, "registry_kwargs", {})), frozen_prefixes_of(model)
+    return save_pretrained(model, folder, kwargs=kwargs, exclude_prefixes=tuple(exclude))
+
+
+def run_pretrain(cfg: Any, evaluate=None) -> dict[str, Any]:
+    """Pre-train ``cfg.model`` on ``cfg.data.train``; release weights to ``cfg.out/model``."""
+    from leanvl.engine import distributed
+    from leanvl.engine.logging import setup_logging
+    from leanvl.engine.trainer import Trainer
+
+    info = distributed.init_distributed(cfg.train.distributed_backend)
+    setup_logging(info.rank, cfg.out)
+    configure_threads(cfg.data.num_workers)
+    text = build_text_encoder(cfg.data)
+    model = build_model(cfg.model)
+    loader = build_train_loader(cfg, text)
+    if evaluate is None:
+        evaluate = retrieval_callback(cfg, text, info.device)
+    trainer = Trainer(cfg, model, loader, evaluate=evaluate, device=info.device)
+    result = trainer.fit()
+    if distributed.is_main():
+        result["released"] = str(release(model, Path(cfg.out) / "model"))
+    distributed.barrier()
+    return result
