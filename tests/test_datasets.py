@@ -25,7 +25,7 @@ SMALL = dict(num_frames=4, size=32)
 
 @pytest.fixture(scope="module")
 def text():
-    return TextEncoder(max_len=12)
+    return TextEncoder(max_len=12, pad_to_max=True)
 
 
 def test_video_text_training_samples_vary_and_eval_is_fixed(clip_folder):

@@ -516,3 +516,16 @@ def test_video_classifier_head_layer_ids_and_multi_view_evaluation():
     tokens = torch.randn(2, 4, 48)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     torch.testing.assert_close(head(tokens, mask)[0], head(tokens[:1, :2].mean(1))[0])
+
+
+def test_cat_features_pads_masked_text_to_common_length():
+    from leanvl.tasks.common import cat_features
+
+    a = TextFeatures(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4))
+    b = TextFeatures(torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.long), torch.ones(1, 4))
+    joined = cat_features([a, b])
+    assert joined.tokens.shape == (3, 5, 4) and joined.mask.tolist()[0] == [1, 1, 1, 0, 0]
+    assert joined.tokens[0, 3:].abs().sum() == 0
+    with pytest.raises(ValueError, match="fixed number of tokens"):
+        cat_features([VideoFeatures(torch.ones(1, 3, 4), torch.ones(1, 4)),
+                      VideoFeatures(torch.ones(1, 5, 4), torch.ones(1, 4))])

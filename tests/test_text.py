@@ -25,6 +25,9 @@ def test_text_encoder_pads_and_masks():
     assert out["text_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
     assert out["text_ids"][1, -1] == encoder.special_id("sep")
     assert encoder.special_id("pad") == 0
+    short = encoder(["a red square", "a blue circle moves"])  # padded to the batch's longest
+    assert short["text_ids"].shape == (2, 6) and short["text_mask"][1].all()
+    assert TextEncoder(max_len=8, pad_to_max=True)(["a"])["text_ids"].shape == (1, 8)
 
 
 def test_vocab_truncation_keeps_top_fraction_by_frequency():

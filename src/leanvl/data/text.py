@@ -104,12 +104,13 @@ class VocabTruncation:
 
 
 class TextEncoder:
-    """Tokenise batches of strings to ``text_ids`` / ``text_mask`` tensors of fixed length."""
+    """Tokenise batches of strings to ``text_ids`` / ``text_mask`` tensors, padded per batch."""
 
     def __init__(self, tokenizer="bert-base-uncased", max_len: int = 40,
-                 truncation: VocabTruncation | None = None):
+                 truncation: VocabTruncation | None = None, pad_to_max: bool = False):
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.max_len = int(max_len)
+        self.pad_to_max = pad_to_max
         self.truncation = truncation
 
     @property
@@ -125,10 +126,12 @@ class TextEncoder:
         return int(self.truncation.table[token_id]) if self.truncation else int(token_id)
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise ``texts`` padded to ``max_len``: {text_ids, text_mask} (B x L, long)."""
+        """Tokenise ``texts``: {text_ids, text_mask} (B x L, long), L = the longest text of
+        the batch, at most ``max_len`` (or exactly ``max_len`` with ``pad_to_max``)."""
         if isinstance(texts, str):
             raise TypeError("expected a list of strings, got one string")
-        encoded = self.tokenizer(list(texts), padding="max_length", truncation=True,
+        padding = "max_length" if self.pad_to_max else "longest"
+        encoded = self.tokenizer(list(texts), padding=padding, truncation=True,
                                  max_length=self.max_len, return_tensors="pt")
         ids = encoded["input_ids"]
         if self.truncation is not None:

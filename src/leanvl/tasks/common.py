@@ -82,18 +82,33 @@ def cat_features(parts: Sequence[Features]) -> Features:
     if not parts:
         raise ValueError("no feature batches to concatenate")
     first = feature_fields(parts[0])
+    # Masked features (text padded to each batch's longest) are padded to a common length;
+    # padding is invisible behind a zero mask. Unmasked features must have a fixed length.
+    masked = torch.is_tensor(first.get("mask"))
+    length = max(p.mask.shape[1] for p in parts) if masked else None
     values: dict[str, Any] = {}
     for name, value in first.items():
         if value is None or not torch.is_tensor(value):
             values[name] = value
             continue
         tensors = [getattr(p, name) for p in parts]
+        if masked and value.dim() >= 2 and value.shape[1] == first["mask"].shape[1]:
+            tensors = [_pad_length(t, length) for t in tensors]
         shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) > 1:
             raise ValueError(f"feature field '{name}' changes shape across batches: "
                              f"{sorted(shapes)}; a model must return a fixed number of tokens")
         values[name] = torch.cat(tensors, dim=0)
     return type(parts[0])(**values)
+
+
+def _pad_length(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 1 of ``tensor`` to ``length``."""
+    missing = length - tensor.shape[1]
+    if missing <= 0:
+        return tensor
+    pad = tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, pad], dim=1)
 
 
 def num_rows(features: VideoFeatures | TextFeatures) -> int:
