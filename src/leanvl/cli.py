@@ -112,6 +112,66 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(preset: str | None, overrides: list[str], extra: list[str] = ()):
+    from leanvl.config import load_config
+
+    return load_config(preset, list(overrides) + list(extra))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pre-train a model from a preset/YAML plus key=value overrides."""
+    from leanvl.tasks.pretrain import run_pretrain
+
+    cfg = _run_config(args.config, args.overrides)
+    result = run_pretrain(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k in ("step", "epoch", "eval", "released")},
+                     indent=1, default=str))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune for retrieval, QA, multiple choice (= retrieval) or classification."""
+    from leanvl.tasks.finetune import run_finetune
+
+    cfg = _run_config(args.config, args.overrides, [f"train.task={args.task}"])
+    result = run_finetune(cfg, args.task)
+    print(json.dumps({k: v for k, v in result.items() if k in ("step", "eval", "released")},
+                     indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate released weights on data.test for one task."""
+    from leanvl.tasks.finetune import run_eval
+
+    extra = [f"model.pretrained={args.model}"] if args.model else []
+    cfg = _run_config(args.config, args.overrides, extra)
+    metrics = run_eval(cfg, args.task, progress=not args.quiet)
+    print(json.dumps(metrics, indent=1, default=float))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Parameters, GFLOPs, latency, memory and training throughput of a registered model."""
+    from leanvl.profile import format_table, profile_model
+
+    rows = profile_model(args.model, frames=args.frames, size=args.size, batch=args.batch,
+                         text_len=args.text_len, part=args.part, mask_ratio=args.mask_ratio,
+                         latency=not args.no_latency, repeats=args.repeats,
+                         train_batch=args.train_batch, overrides=args.overrides)
+    print(format_table(rows, style="markdown" if args.markdown else "text"))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert an official checkpoint to leanvl weights (safetensors)."""
+    from leanvl.models.convert import convert_checkpoint
+
+    summary = convert_checkpoint(args.kind, args.source, args.out, allow_pickle=args.allow_pickle)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The UMT demo on the synthetic benchmark (see leanvl.demo)."""
     from leanvl.demo import run_demo
@@ -166,6 +226,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic benchmark options (SynthConfig fields)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("pretrain", help="pre-train a model (e.g. leanvl pretrain umt_b16_stage1 "
+                       "data.train=... model.kwargs.teacher=...)")
+    p.add_argument("config", help="preset name (see leanvl/presets) or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune: retrieval, qa, mc (trains retrieval), classify")
+    p.add_argument("task", choices=["retrieval", "qa", "mc", "classify"])
+    p.add_argument("config", help="preset name or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="evaluate weights on data.test: retrieval, qa, mc, classify")
+    p.add_argument("task", choices=["retrieval", "qa", "mc", "classify"])
+    p.add_argument("--model", help="released weights folder (sets model.pretrained)")
+    p.add_argument("--config", help="preset name or YAML file for data/eval settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="params per component, GFLOPs, latency, memory, "
+                       "training throughput")
+    p.add_argument("model", help="registered model name (leanvl.list_models())")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--part", choices=["video", "text", "full"], default="video",
+                   help="what the GFLOPs/latency cover: the video encoder (the papers' tables), "
+                   "the text encoder, or video + text + one matching pass")
+    p.add_argument("--mask-ratio", type=float, default=0.0,
+                   help="drop this fraction of video tokens (random) before the encoder")
+    p.add_argument("--no-latency", action="store_true", help="count only (no timing)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--train-batch", type=int, default=0,
+                   help="also measure pre-training throughput (clips/s) at this batch size")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="create_model keyword overrides (YAML values)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("convert", help="convert official checkpoints to leanvl weights")
+    p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "clip-visual"])
+    p.add_argument("source", help="official checkpoint (.pth/.pt/.bin/.safetensors)")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow full unpickling (only for files you trust)")
+    p.set_defaults(func=cmd_convert)
+
     data = sub.add_parser("data", help="data tools: synth, check, convert, shard")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
@@ -208,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     from leanvl.data.video import VideoDecodeError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`eval qa --model M data.test=...`), which a
+    # positional nargs="*" cannot pick up after the options; collect them here.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if hasattr(args, "overrides") and all("=" in u and not u.startswith("-") for u in unknown):
+            args.overrides = list(args.overrides) + unknown
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
