@@ -529,3 +529,39 @@ def test_cat_features_pads_masked_text_to_common_length():
     with pytest.raises(ValueError, match="fixed number of tokens"):
         cat_features([VideoFeatures(torch.ones(1, 3, 4), torch.ones(1, 4)),
                       VideoFeatures(torch.ones(1, 5, 4), torch.ones(1, 4))])
+
+
+def test_cat_features_pads_only_declared_fields_of_subclasses():
+    from dataclasses import dataclass
+
+    from leanvl.tasks.common import cat_features
+
+    @dataclass
+    class WithLatents(TextFeatures):
+        latents: torch.Tensor | None = None
+
+    # latents have as many rows as the first batch's text is long: not padded all the same
+    a = WithLatents(torch.ones(2, 3, 4), torch.ones(2, 3), torch.ones(2, 4), torch.ones(2, 3, 4))
+    b = WithLatents(torch.ones(1, 5, 4), torch.ones(1, 5), torch.ones(1, 4), torch.ones(1, 3, 4))
+    joined = cat_features([a, b])
+    assert joined.tokens.shape == (3, 5, 4) and joined.latents.shape == (3, 3, 4)
+    assert type(joined.index(torch.tensor([2]))) is WithLatents
+
+
+def test_similarity_is_scored_in_float32_under_bf16_autocast():
+    # cosine / temperature values near 10 collapse to steps of 1/16 in bf16: ties everywhere
+    model = FakeModel(FakeText())
+    model.similarity = lambda v, t: v.embedding @ t.embedding.t() * 14.0
+    video = VideoFeatures(torch.zeros(3, 1, 1), torch.tensor([[1.0], [0.999], [0.998]]))
+    text = TextFeatures(torch.zeros(1, 1, 1), torch.ones(1, 1), torch.ones(1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = similarity_matrix(model, video, text)
+    assert sim.dtype == torch.float32 and len(set(sim[0].tolist())) == 3
+
+
+def test_models_whose_similarity_is_final_are_not_reranked():
+    model, dataset, text = _retrieval_setup()
+    model.needs_rerank = False
+    result = evaluate_retrieval(model, dataset, text, EvalConfig(rerank_k=2), progress_bar=False)
+    assert model.calls == [] and not any(k.startswith("rerank/") for k in result)
+    assert "rerank_skipped" in result

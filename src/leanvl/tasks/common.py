@@ -70,29 +70,40 @@ def map_features(features: Features, fn) -> Features:
     return type(features)(**values)
 
 
-def move_features(features: Features, device: torch.device | str | None) -> Features:
-    """The features on ``device`` (no copy when already there)."""
-    if device is None:
+def move_features(features: Features, device: torch.device | str | None,
+                  dtype: torch.dtype | None = None) -> Features:
+    """The features on ``device`` (no copy when already there); floating-point fields cast
+    to ``dtype`` when given."""
+    if device is None and dtype is None:
         return features
-    return map_features(features, lambda t: t.to(device, non_blocking=True))
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device, non_blocking=True) if device is not None else tensor
+
+    return map_features(features, move)
 
 
 def cat_features(parts: Sequence[Features]) -> Features:
-    """Concatenate feature batches along the batch dimension (all fields, any subclass)."""
+    """Concatenate feature batches along the batch dimension (all fields, any subclass).
+
+    Fields named in the class's ``padded_fields`` (text padded to each batch's longest caption)
+    are zero-padded to a common length first; padding is invisible behind a zero mask. Any
+    other field must have the same shape in every batch.
+    """
     if not parts:
         raise ValueError("no feature batches to concatenate")
     first = feature_fields(parts[0])
-    # Masked features (text padded to each batch's longest) are padded to a common length;
-    # padding is invisible behind a zero mask. Unmasked features must have a fixed length.
-    masked = torch.is_tensor(first.get("mask"))
-    length = max(p.mask.shape[1] for p in parts) if masked else None
+    padded = set(getattr(type(parts[0]), "padded_fields", ()))
     values: dict[str, Any] = {}
     for name, value in first.items():
         if value is None or not torch.is_tensor(value):
             values[name] = value
             continue
         tensors = [getattr(p, name) for p in parts]
-        if masked and value.dim() >= 2 and value.shape[1] == first["mask"].shape[1]:
+        if name in padded and value.dim() >= 2:
+            length = max(t.shape[1] for t in tensors)
             tensors = [_pad_length(t, length) for t in tensors]
         shapes = {tuple(t.shape[1:]) for t in tensors}
         if len(shapes) > 1:

@@ -12,7 +12,10 @@
    ranks one big tie); recall@k for k <= rerank_k is the same either way.
 
 Both the dual-encoder-only metrics (``dual/...``) and the re-ranked ones (``rerank/...``) are
-returned. Ranks use the pessimistic tie rule of ``leanvl.metrics``.
+returned. Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whose
+``similarity`` already is its final score says so with ``needs_rerank = False`` (e.g. a
+mixed-stream Perceiver-VL, which scores every pair with its decoder); step 3 is then skipped
+and the ``dual/`` metrics are the model's metrics.
 
 Distributed: when torch.distributed is initialised every rank computes the full evaluation
 (identical results, no communication); only rank 0 shows progress bars. Sharding the encoding
@@ -104,11 +107,14 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
     out_device = text_feats.embedding.device
     sim = torch.empty(num_texts, num_videos, dtype=torch.float32, device=out_device)
     text_blocks = list(batches(num_texts, chunk_size))
-    with torch.no_grad():
+    compute_device = torch.device(device) if device is not None else out_device
+    # float32 scores: under bf16 autocast, cosine/temperature values near 10 are rounded to
+    # steps of 1/16, and the (pessimistic) tie rule would then rank many true matches low
+    with torch.no_grad(), torch.autocast(compute_device.type, enabled=False):
         for text_rows in progress(text_blocks, "similarity", enabled=progress_bar):
-            text = move_features(text_feats.index(text_rows), device)
+            text = move_features(text_feats.index(text_rows), device, torch.float32)
             for video_rows in batches(num_videos, chunk_size):
-                video = move_features(video_feats.index(video_rows), device)
+                video = move_features(video_feats.index(video_rows), device, torch.float32)
                 block = model.similarity(video, text)
                 expected = (video_rows.stop - video_rows.start, text_rows.stop - text_rows.start)
                 if tuple(block.shape) != expected:
@@ -185,7 +191,10 @@ def retrieval_from_features(model, video_feats: VideoFeatures, text_feats: TextF
                                retrieval_metrics(sim, text_to_video).items()}
     results["seconds_similarity"] = time.perf_counter() - start
     scores: dict[str, torch.Tensor] = {"dual": sim.cpu()}
-    if cfg_eval.rerank_k and cfg_eval.rerank_k > 0:
+    final = not getattr(model, "needs_rerank", True)
+    if final:
+        results["rerank_skipped"] = "the model's similarity already is its final score"
+    if cfg_eval.rerank_k and cfg_eval.rerank_k > 0 and not final:
         start = time.perf_counter()
         top, logits = rerank(model, text_feats, video_feats, sim, cfg_eval.rerank_k, True,
                              device, batch_size, progress_bar, "re-rank t2v")
