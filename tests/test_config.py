@@ -25,6 +25,11 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(info.value)
 
 
+def test_empty_override_clears_a_string():
+    cfg = load_config(None, ["data.test=x.json", "data.test="])
+    assert cfg.data.test == ""
+
+
 def test_unknown_key_in_preset_file_and_unknown_preset(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("data:\n  tokeniser: x\n")

@@ -271,6 +271,16 @@ def test_optimizer_groups_schedule_and_layer_decay():
     group = next(g for g in optimizer.param_groups if layered.patch.weight in g["params"])
     assert group["lr"] == pytest.approx(cfg.train.lr * 0.125)
 
+    # per-prefix multipliers (a pretrained part at a tenth of the lr) stack on layer decay
+    cfg.train.lr_scales = {"blocks.1": 0.1, "head": 2.0}
+    optimizer = build_optimizer(layered, cfg.train)
+    scales = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scales["blocks.1.weight"] == pytest.approx(0.05)
+    assert scales["blocks.0.weight"] == pytest.approx(0.25) and scales["head.bias"] == 2.0
+    cfg.train.lr_scales = {"trunk": 0.1}
+    with pytest.raises(ValueError, match="no parameter of Layered starts with 'trunk'"):
+        build_optimizer(layered, cfg.train)
+
 
 class TiedToy(nn.Module):
     """Tied input/output embeddings: safetensors needs the shared tensor stored once."""

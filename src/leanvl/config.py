@@ -106,6 +106,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     warmup_steps: int = 0  # > 0 overrides warmup_epochs
     layer_decay: float = 1.0  # layer-wise lr decay for fine-tuning (< 1 to enable)
+    lr_scales: dict[str, float] = field(default_factory=dict)  # name prefix -> lr multiplier
     grad_accum: int = 1
     clip_grad: float = 0.0  # max gradient norm; 0 disables
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -196,6 +197,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        if item.endswith("="):  # `key=` clears a value: the empty string, not YAML's null
+            item += "''"
         layers.append(OmegaConf.from_dotlist([item]))
     for layer in layers:
         _check_keys(schema, OmegaConf.to_container(layer))

@@ -86,27 +86,46 @@ def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float] | Non
             for name, _ in model.named_parameters()}
 
 
+def prefix_scale(name: str, lr_scales: dict[str, float] | None) -> float:
+    """The multiplier of the longest ``lr_scales`` prefix that ``name`` starts with (else 1)."""
+    best, scale = -1, 1.0
+    for prefix, value in (lr_scales or {}).items():
+        if (name == prefix or name.startswith(prefix.rstrip(".") + ".")) and len(prefix) > best:
+            best, scale = len(prefix), float(value)
+    return scale
+
+
 def param_groups(model: nn.Module, weight_decay: float, lr: float = 1.0,
-                 layer_decay: float = 1.0) -> list[dict[str, Any]]:
+                 layer_decay: float = 1.0, lr_scales: dict[str, float] | None = None
+                 ) -> list[dict[str, Any]]:
     """AdamW parameter groups over the trainable parameters (see the module docstring).
 
-    Each group carries ``lr`` (= ``lr * lr_scale``), ``lr_scale``, ``weight_decay`` and a
-    readable ``group_name`` such as ``decay`` or ``no_decay/layer_3``.
+    ``lr_scales`` maps parameter-name prefixes to lr multipliers (e.g. ``{"text_encoder": 0.1}``
+    for a pretrained part), applied on top of layer decay. Each group carries ``lr``
+    (= ``lr * lr_scale``), ``lr_scale``, ``weight_decay`` and a readable ``group_name`` such as
+    ``decay`` or ``no_decay/layer_3``.
     """
     frozen = frozen_prefixes_of(model)
     declared = no_weight_decay_names(model)
     scales = layer_scales(model, layer_decay)
+    names = {name for name, _ in model.named_parameters()}
+    for prefix in lr_scales or {}:
+        if not any(n == prefix or n.startswith(prefix.rstrip(".") + ".") for n in names):
+            raise ValueError(f"train.lr_scales: no parameter of {type(model).__name__} starts "
+                             f"with '{prefix}'")
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or is_frozen(name, frozen):
             continue
         no_decay = _skip_decay(name, param, declared)
-        scale = scales[name] if scales else 1.0
+        scale = (scales[name] if scales else 1.0) * prefix_scale(name, lr_scales)
         key = (no_decay, scale)
         if key not in groups:
             label = "no_decay" if no_decay else "decay"
             if scales:
                 label += f"/layer_{int(model.layer_id(name))}"
+            if lr_scales:
+                label += f"/x{scale:g}"
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                            "lr_scale": scale, "lr": lr * scale, "group_name": label}
         groups[key]["params"].append(param)
@@ -116,13 +135,19 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float = 1.0,
 
 
 def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:
-    """AdamW from ``train.lr``, ``weight_decay``, ``betas``, ``eps``, ``layer_decay``.
+    """AdamW from ``train.lr``, ``weight_decay``, ``betas``, ``eps``, ``layer_decay``,
+    ``lr_scales``.
 
     Freezes the model's ``frozen_prefixes`` first, so they never reach the optimizer.
     """
     freeze(model)
+    lr_scales = getattr(train_cfg, "lr_scales", None)
+    if lr_scales is not None and not isinstance(lr_scales, dict):
+        from omegaconf import OmegaConf
+
+        lr_scales = OmegaConf.to_container(lr_scales, resolve=True)
     groups = param_groups(model, float(train_cfg.weight_decay), float(train_cfg.lr),
-                          float(train_cfg.layer_decay))
+                          float(train_cfg.layer_decay), lr_scales)
     betas = tuple(float(b) for b in train_cfg.betas)
     if len(betas) != 2:
         raise ValueError(f"train.betas needs two values, got {list(train_cfg.betas)}")
