@@ -288,11 +288,14 @@ def _resolve_create_model(create_model_fn: Callable[..., nn.Module] | None):
 
 
 def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.Module] | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:
+                    device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None
+                    ) -> nn.Module:
     """Build and fill a model from released weights (a folder, or its ``model.safetensors``)
     or from a training checkpoint (``.pt``, whose config names the model).
 
     ``create_model_fn(name, **kwargs)`` defaults to ``leanvl.models.registry.create_model``.
+    ``overrides`` replace stored kwargs, for options that leave the weights' shapes alone
+    (e.g. a Perceiver-VL's ``stream`` or ``num_cross_layers`` at inference).
     The model is returned in eval mode; ``model.pretrained_config`` holds config.json.
     """
     path = Path(path)
@@ -314,10 +317,11 @@ def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.M
                                     "(released weights) or a training checkpoint (.pt)")
         config = json.loads((folder / CONFIG_NAME).read_text())
         state = read_safetensors(weights, device)
-    model = factory(config["name"], **config.get("kwargs", {}))
+    kwargs = {**config.get("kwargs", {}), **_plain(dict(overrides or {}))}
+    model = factory(config["name"], **kwargs)
     load_model_state(model, state, allow_missing=config.get("excluded_prefixes", []))
     model.registry_name = config["name"]
-    model.registry_kwargs = dict(config.get("kwargs", {}))
+    model.registry_kwargs = kwargs
     model.pretrained_config = config
     return model.to(device).eval()
 

@@ -67,8 +67,10 @@ def wrap(model: nn.Module, task: str, labels: list | None) -> nn.Module:
     return model
 
 
-def load_finetuned(folder: str | Path) -> tuple[nn.Module, str, list | None]:
-    """(model, task, labels) from weights released by ``run_finetune`` (or by pre-training)."""
+def load_finetuned(folder: str | Path, overrides: dict[str, Any] | None = None
+                   ) -> tuple[nn.Module, str, list | None]:
+    """(model, task, labels) from weights released by ``run_finetune`` (or by pre-training);
+    ``overrides`` replace stored model kwargs (inference options such as a stream)."""
     from leanvl.engine.checkpoint import CONFIG_NAME, load_pretrained, load_weights
     from leanvl.models.registry import create_model
 
@@ -77,9 +79,10 @@ def load_finetuned(folder: str | Path) -> tuple[nn.Module, str, list | None]:
     extra = config.get("extra") or {}
     task = extra.get("task", "retrieval")
     if task in ("retrieval", "mc"):
-        return load_pretrained(folder), task, None
+        return load_pretrained(folder, overrides=overrides), task, None
     labels = extra["labels"]
-    model = wrap(create_model(config["name"], **config["kwargs"]), task, labels)
+    model = wrap(create_model(config["name"], **{**config["kwargs"], **(overrides or {})}),
+                 task, labels)
     load_weights(model, folder)
     return model.eval(), task, labels
 
@@ -155,7 +158,8 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
 
 
 def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model.pretrained`` (released weights) on ``data.test`` for ``task``."""
+    """Evaluate ``model.pretrained`` (released weights) on ``data.test`` for ``task``;
+    ``model.kwargs`` given here override the stored ones (inference options)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if not cfg.data.test:
@@ -163,7 +167,12 @@ def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
     configure_threads(cfg.data.num_workers)
     pretrained = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if pretrained is not None and (pretrained / "config.json").is_file():
-        model, trained_task, labels = load_finetuned(pretrained)
+        from omegaconf import OmegaConf
+
+        overrides = cfg.model.kwargs
+        if not isinstance(overrides, dict):
+            overrides = OmegaConf.to_container(overrides, resolve=True)
+        model, trained_task, labels = load_finetuned(pretrained, overrides)
         if trained_task in ("qa", "classify") and trained_task != task:
             raise ValueError(f"{pretrained} was fine-tuned for {trained_task}, not {task}")
     else:
