@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanvl.losses import vtc_loss
-from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
+from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
 from leanvl.nn.text import BertTextEncoder
@@ -29,11 +29,16 @@ class ImageTextCLIP(VideoLanguageModel):
     """
 
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], embed_dim: int = 128,
-                 temperature: float = 0.07):
+                 temperature: float = 0.07, text_pretrained: str = ""):
         super().__init__()
         self.visual = CLIPVisionTeacher(**vision, output_dim=embed_dim)
         self.visual.requires_grad_(True)  # a teacher freezes itself; here it is being trained
-        self.text_encoder = BertTextEncoder(**text, fusion_layers=0)
+        if text_pretrained:  # a local BERT folder, or "minilm" (offline)
+            self.text_encoder = BertTextEncoder.from_pretrained(
+                text_model_path(text_pretrained), fusion_layers=0,
+                text_layers=text.get("text_layers") if text else None)
+        else:
+            self.text_encoder = BertTextEncoder(**text, fusion_layers=0)
         self.text_proj = nn.Linear(self.text_encoder.hidden_size, embed_dim)
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
         self.embed_dim = embed_dim
@@ -90,6 +95,7 @@ class ImageTextCLIP(VideoLanguageModel):
 def clip_tiny(vision: dict | None = None, text: dict | None = None, **kwargs) -> ImageTextCLIP:
     """CPU-sized CLIP: ViT 192/4/3 image tower, 2-layer 128-wide BERT text tower."""
     vision = {**{k: v for k, v in CLIP_SIZES["tiny"].items() if k != "output_dim"}, **(vision or {})}
-    text = {"hidden_size": 128, "text_layers": 2, "num_heads": 2, "intermediate_size": 512,
-            "max_positions": 64, **(text or {})}
+    text = dict(text or {}) if kwargs.get("text_pretrained") else {
+        "hidden_size": 128, "text_layers": 2, "num_heads": 2, "intermediate_size": 512,
+        "max_positions": 64, **(text or {})}
     return ImageTextCLIP(vision, text, **kwargs)

@@ -20,15 +20,13 @@ from torch import nn
 from leanvl.config import CLIP_MEAN, CLIP_STD
 from leanvl.losses import mlm_loss, sample_hard_negatives, uta_loss, vtc_loss, vtm_loss
 from leanvl.masking import random_mask, semantic_mask, tube_mask
-from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
+from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
-from leanvl.nn.text import BertTextEncoder, mask_tokens
+from leanvl.nn.text import BERT_SPECIALS, BertTextEncoder, mask_tokens
 from leanvl.nn.vit import VIT_SIZES, AlignmentHead, VideoViT
 
 MASK_TYPES = ("semantic", "random", "tube", "none")
-# BERT-uncased special token ids (override for other tokenizers / truncated vocabularies).
-BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 
 
 def build_teacher(teacher: str, return_layers: int, **kwargs: Any) -> CLIPVisionTeacher:
@@ -79,7 +77,9 @@ class UMT(VideoLanguageModel):
             if text_pretrained:
                 fusion = text.pop("fusion_layers", 3)
                 self.text_encoder = BertTextEncoder.from_pretrained(
-                    text_pretrained, fusion_layers=fusion, video_dim=self.video_dim, mlm_head=True)
+                    text_model_path(text_pretrained), fusion_layers=fusion,
+                    text_layers=text.pop("text_layers", None), video_dim=self.video_dim,
+                    mlm_head=True)
             else:
                 self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim, mlm_head=True)
             hidden = self.text_encoder.hidden_size
@@ -248,7 +248,9 @@ TEXT_SIZES: dict[str, dict[str, int]] = {
 def _umt(vision_size: str, text_size: str, drop_path: float, vision: dict | None,
          text: dict | None, **kwargs) -> UMT:
     vision = {**VIT_SIZES[vision_size], "drop_path_rate": drop_path, **(vision or {})}
-    text = {**TEXT_SIZES[text_size], **(text or {})}
+    # a pretrained text model brings its own sizes; only the layer split is taken from `text`
+    text = dict(text or {}) if kwargs.get("text_pretrained") else \
+        {**TEXT_SIZES[text_size], **(text or {})}
     return UMT(vision=vision, text=text, **kwargs)
 
 

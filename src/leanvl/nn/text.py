@@ -26,6 +26,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+#: BERT-uncased special token ids (override for other tokenizers / truncated vocabularies)
+BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+
 # Attention implementations that take an additive float mask (flash-attention does not).
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 

@@ -12,6 +12,8 @@ mlp.fc1, mlp.fc2}``, ``norm``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -40,6 +42,18 @@ def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(angles[:, 0::2])
     table[:, 1::2] = torch.cos(angles[:, 1::2])
     return table.float()
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """ViT / VideoMAE / UMT initialisation, for ``model.apply``: truncated normal (std 0.02)
+    Linear and patch-conv weights with zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear | nn.Conv2d | nn.Conv3d):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class PatchEmbed3D(nn.Module):
@@ -73,12 +87,13 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int | None = None,
                  qkv_bias: str | bool = "qv", drop_path: float = 0.0, norm_eps: float = 1e-6,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, mlp_dim or 4 * dim, drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_dim or 4 * dim, act_layer=act_layer, drop=proj_drop)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -122,18 +137,7 @@ class VideoViT(nn.Module):
         # UMT's fine-tuned classifiers drop the final norm for a mean-pooled fc_norm.
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
         self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # Truncated normal for Linears and the patch conv, as ViT / VideoMAE / UMT.
-        if isinstance(module, nn.Linear | nn.Conv3d):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(init_vit_weights)
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> VideoViT:
