@@ -170,8 +170,9 @@ class Trainer:
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if dist_utils.is_distributed():
             if find_unused_parameters is None:
-                find_unused_parameters = bool(getattr(self.train_cfg, "find_unused_parameters",
-                                                      False))
+                # a model whose steps skip parameters (LayerDrop) says so
+                find_unused_parameters = any(bool(getattr(m, "ddp_find_unused_parameters", False))
+                                             for m in model.modules())
             ignored = [f"model.{name}" for name, _ in
                        list(model.named_parameters()) + list(model.named_buffers())
                        if is_frozen(name, self.frozen_prefixes)]
