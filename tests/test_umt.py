@@ -66,10 +66,12 @@ def test_contract_shapes_and_errors():
     assert video.embedding.shape == (4, 128) and torch.allclose(video.embedding.norm(dim=-1), torch.ones(4))
     assert model.similarity(video, text).shape == (4, 4) and model.match(video, text).shape == (4,)
     assert model.fused_cls(video, text).shape == (4, 128)
-    with pytest.raises(RuntimeError, match="semantic masking needs a teacher"):
+    with pytest.raises(ValueError, match="semantic masking needs a teacher"):
         model.pretrain_losses(batch)
-    with pytest.raises(ValueError, match="stage 1 distils from a teacher"):
-        create_model("umt_tiny", stage=1)
+    video_only = create_model("umt_tiny", stage=1)  # released stage-1 weights: no teacher
+    assert video_only.encode_video(batch["video"]).tokens.shape == (4, 2 * 4, 192)
+    with pytest.raises(ValueError, match="stage 1 pre-training distils from a teacher"):
+        video_only.pretrain_losses(batch)
     with pytest.raises(ValueError, match="did you mean 'umt_tiny'"):
         create_model("umt_tinny")
     assert isinstance(model, UMT) and model.layer_id("video_encoder.blocks.2.mlp.fc1.weight") == 3
@@ -84,3 +86,27 @@ def test_official_stage1_checkpoint_loads_into_umt_b16():
     student, heads = convert_umt_pretrain({"model": reference_state("umt_pretrain_b16_keys.txt")})
     assert model.video_encoder.load_state_dict(student, strict=True, assign=True)
     assert model.uta_heads.load_state_dict(heads, strict=True, assign=True)
+
+
+def test_teacher_with_another_patch_size_sees_the_student_grid():
+    # a CLIP-L/14-like teacher of a 16-pixel-patch student: frames resized 32 -> 28 pixels
+    model = create_model("umt_tiny", stage=1, teacher="tiny",
+                         teacher_kwargs={"image_size": 28, "patch_size": 14})
+    batch = _batch(frames=2, size=32)
+    assert model.teacher_input(batch["video"]).shape[-2:] == (28, 28)
+    assert set(model.pretrain_losses(batch)) == {"uta"}
+
+
+def test_stage1_file_with_alignment_heads_starts_a_teacherless_stage2(tmp_path):
+    from leanvl.config import ModelConfig
+    from leanvl.engine.checkpoint import save_pretrained
+    from leanvl.tasks.pretrain import build_model
+
+    stage1 = create_model("umt_tiny", stage=1, **TEACHER)
+    save_pretrained(stage1, tmp_path / "s1", exclude_prefixes=("teacher.",))  # keeps uta_heads
+    cfg = ModelConfig(name="umt_tiny", pretrained=str(tmp_path / "s1"),
+                      kwargs={"stage": 2, "mask_type": "random"})
+    stage2 = build_model(cfg)
+    assert torch.equal(stage2.video_encoder.blocks[1].attn.qkv.weight,
+                       stage1.video_encoder.blocks[1].attn.qkv.weight)
+    assert not hasattr(stage2, "uta_heads") and stage2.text_encoder is not None

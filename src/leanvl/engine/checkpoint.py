@@ -164,8 +164,13 @@ def model_state(model: nn.Module, exclude_prefixes: Sequence[str] = ()) -> dict[
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor],
-                     allow_missing: Sequence[str] = ()) -> None:
-    """Load ``state`` strictly, except that keys under ``allow_missing`` may be absent."""
+                     allow_missing: Sequence[str] = (),
+                     ignore_unexpected: Sequence[str] = ()) -> None:
+    """Load ``state`` strictly, except that keys under ``allow_missing`` may be absent and keys
+    under ``ignore_unexpected`` are dropped."""
+    if ignore_unexpected:
+        state = {k: v for k, v in state.items()
+                 if not any(k.startswith(p) for p in ignore_unexpected if p)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not any(k.startswith(p) for p in allow_missing if p)]
     if missing or unexpected:
@@ -327,8 +332,10 @@ def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.M
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike,
-                 allow_missing: Sequence[str] = ()) -> nn.Module:
-    """Fill an existing model from released weights (folder / .safetensors) or a checkpoint."""
+                 allow_missing: Sequence[str] = (),
+                 ignore_unexpected: Sequence[str] = ()) -> nn.Module:
+    """Fill an existing model from released weights (folder / .safetensors) or a checkpoint;
+    see ``load_model_state`` for ``allow_missing`` / ``ignore_unexpected``."""
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":
         checkpoint = load_checkpoint(path)
@@ -341,5 +348,5 @@ def load_weights(model: nn.Module, path: str | os.PathLike,
         if config.is_file():
             allow_missing = tuple(allow_missing) + tuple(
                 json.loads(config.read_text()).get("excluded_prefixes", []))
-    load_model_state(model, state, allow_missing)
+    load_model_state(model, state, allow_missing, ignore_unexpected)
     return model

@@ -53,9 +53,6 @@ class UMT(VideoLanguageModel):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         if mask_type not in MASK_TYPES:
             raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-        if stage == 1 and not teacher:
-            raise ValueError("UMT stage 1 distils from a teacher: set teacher= to a CLIP weights "
-                             "file (or a size name for random weights)")
         self.stage, self.mask_type = stage, mask_type
         self.video_mask_ratio, self.image_mask_ratio = video_mask_ratio, image_mask_ratio
         self.mlm_ratio = mlm_ratio
@@ -138,7 +135,7 @@ class UMT(VideoLanguageModel):
         patches = grid[0] * grid[1]
         if self.mask_type == "semantic":
             if attention is None:
-                raise RuntimeError("semantic masking needs a teacher: set teacher= to a CLIP "
+                raise ValueError("semantic masking needs a teacher: set teacher= to a CLIP "
                                    "weights file, or mask_type=random/tube/none")
             return semantic_mask(attention, ratio, generator=generator)
         if self.mask_type == "tube":
@@ -150,8 +147,7 @@ class UMT(VideoLanguageModel):
         """Student tokens on the visible positions and the UTA loss (None without a teacher)."""
         targets = attention = None
         if self.teacher is not None:
-            teacher_input = self.teacher.renormalize(video, self.input_mean, self.input_std)
-            output = self.teacher(teacher_input)
+            output = self.teacher(self.teacher_input(video))
             targets, attention = output.layers, output.attention
         mask = self.make_mask(video, attention)
         tokens, layers = self.video_encoder.forward_features(video, mask,
@@ -164,8 +160,24 @@ class UMT(VideoLanguageModel):
         aligned = [head(layer) for head, layer in zip(self.uta_heads, layers, strict=True)]
         return tokens, mask, uta_loss(aligned, targets)
 
+    def teacher_input(self, video: torch.Tensor) -> torch.Tensor:
+        """Frames for the teacher: its normalisation, resized so that its token grid equals the
+        student's (a CLIP-L/14 teacher of a 16-pixel-patch student sees 224 -> 196 pixels)."""
+        video = self.teacher.renormalize(video, self.input_mean, self.input_std)
+        student, teacher = self.video_encoder.patch_embed.patch_size, self.teacher.patch_size
+        if student == teacher:
+            return video
+        height, width = (video.shape[-2] // student) * teacher, (video.shape[-1] // student) * teacher
+        frames = video.reshape(-1, *video.shape[-3:])
+        frames = F.interpolate(frames.float(), size=(height, width), mode="bicubic",
+                               align_corners=False).to(video.dtype)
+        return frames.reshape(*video.shape[:-2], height, width)
+
     def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Stage 1: {uta}; stage 2: {vtc, vtm, mlm} (+ uta when a teacher is set)."""
+        if self.stage == 1 and self.teacher is None:
+            raise ValueError("UMT stage 1 pre-training distils from a teacher: set teacher= to a "
+                             "CLIP weights file (or a size name for random weights)")
         video = batch["video"]
         tokens, _, uta = self._distill(video)
         losses: dict[str, torch.Tensor] = {}
@@ -249,8 +261,9 @@ def _umt(vision_size: str, text_size: str, drop_path: float, vision: dict | None
          text: dict | None, **kwargs) -> UMT:
     vision = {**VIT_SIZES[vision_size], "drop_path_rate": drop_path, **(vision or {})}
     # a pretrained text model brings its own sizes; only the layer split is taken from `text`
-    text = dict(text or {}) if kwargs.get("text_pretrained") else \
-        {**TEXT_SIZES[text_size], **(text or {})}
+    # (the size's fusion layers, the rest of the pretrained model's layers for text)
+    text = {"fusion_layers": TEXT_SIZES[text_size]["fusion_layers"], **(text or {})} \
+        if kwargs.get("text_pretrained") else {**TEXT_SIZES[text_size], **(text or {})}
     return UMT(vision=vision, text=text, **kwargs)
 
 

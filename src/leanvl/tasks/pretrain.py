@@ -39,6 +39,8 @@ def build_model(model_cfg: Any) -> nn.Module:
 
     Weights from another stage may lack whole top-level modules (a stage-1 model has no text
     side): those start from scratch and are logged; a module that is present must load fully.
+    Top-level modules the model does not have (a converted stage-1 file's alignment heads, for
+    a model built without a teacher) are left out, and logged.
     """
     from omegaconf import OmegaConf
 
@@ -54,21 +56,40 @@ def build_model(model_cfg: Any) -> nn.Module:
         if not path.exists():
             raise FileNotFoundError(f"model.pretrained: {path} does not exist")
         fresh = missing_prefixes(model, path)
-        load_weights(model, path, allow_missing=fresh)
-        log.info("initialised %s from %s; trained from scratch: %s", model_cfg.name, path,
-                 ", ".join(fresh) or "nothing")
+        unused = extra_prefixes(model, path)
+        load_weights(model, path, allow_missing=fresh, ignore_unexpected=unused)
+        log.info("initialised %s from %s; trained from scratch: %s; not used: %s",
+                 model_cfg.name, path, ", ".join(fresh) or "nothing",
+                 ", ".join(unused) or "nothing")
     return model
 
 
-def missing_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
-    """Top-level modules of ``model`` that the weights at ``path`` do not contain."""
+def _stored_top_level(path: str | Path) -> set[str] | None:
     from leanvl.engine.checkpoint import WEIGHTS_NAME, read_safetensors
 
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if weights.suffix != ".safetensors":
+        return None
+    return {key.split(".")[0] for key in read_safetensors(weights)}
+
+
+def extra_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
+    """Top-level modules stored in the weights at ``path`` that ``model`` does not have."""
+    stored = _stored_top_level(path)
+    if stored is None:
         return ()
-    present = {key.split(".")[0] for key in read_safetensors(weights)}
+    own = {name for name, _ in model.named_children()} | \
+        {name for name, _ in model.named_parameters(recurse=False)} | \
+        {name for name, _ in model.named_buffers(recurse=False)}
+    return tuple(f"{name}." for name in sorted(stored - own))
+
+
+def missing_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
+    """Top-level modules of ``model`` that the weights at ``path`` do not contain."""
+    present = _stored_top_level(path)
+    if present is None:
+        return ()
     return tuple(f"{name}." for name, _ in model.named_children() if name not in present) + \
         tuple(name for name, _ in model.named_parameters(recurse=False) if name not in present)
 
