@@ -175,3 +175,29 @@ def test_load_checkpoint_file_torchscript(tmp_path):
         torch.jit.save(torch.jit.script(nn.Linear(2, 3)), str(path))
     state = load_checkpoint_file(path)
     assert set(state) == {"weight", "bias"} and state["weight"].shape == (3, 2)
+
+
+def test_converted_umt_classifier_is_released_weights_that_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from leanvl.models.convert import convert_checkpoint
+    from leanvl.tasks.finetune import load_finetuned
+
+    official = reference_state("umt_finetune_b16_keys.txt", seed=1)
+    source = tmp_path / "k400.safetensors"
+    save_file({k: v.contiguous() for k, v in official.items()}, str(source))
+    classes = tmp_path / "classes.json"
+    num_classes = official["head.bias"].shape[0]
+    classes.write_text(json.dumps([f"action {i}" for i in range(num_classes)]))
+    summary = convert_checkpoint("umt-finetune", source, tmp_path / "released", classes=classes)
+    assert summary["model"] == "umt_b16" and summary["classes"] == num_classes
+    model, task, labels = load_finetuned(tmp_path / "released")
+    assert task == "classify" and labels[3] == "action 3"
+    assert torch.equal(model.head.head.weight, official["head.weight"])
+    assert torch.equal(model.model.video_encoder.blocks[4].mlp.fc2.weight,
+                       official["blocks.4.mlp.fc2.weight"])
+    with pytest.raises(ValueError, match="list of"):
+        classes.write_text("[1, 2]")
+        convert_checkpoint("umt-finetune", source, tmp_path / "again", classes=classes)

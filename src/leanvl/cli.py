@@ -158,7 +158,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     rows = profile_model(args.model, frames=args.frames, size=args.size, batch=args.batch,
                          text_len=args.text_len, part=args.part, mask_ratio=args.mask_ratio,
                          latency=not args.no_latency, repeats=args.repeats,
-                         train_batch=args.train_batch, overrides=args.overrides)
+                         train_batch=args.train_batch, overrides=args.overrides,
+                         precision=args.precision)
     print(format_table(rows, style="markdown" if args.markdown else "text"))
     return 0
 
@@ -167,17 +168,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an official checkpoint to leanvl weights (safetensors)."""
     from leanvl.models.convert import convert_checkpoint
 
-    summary = convert_checkpoint(args.kind, args.source, args.out, allow_pickle=args.allow_pickle)
+    summary = convert_checkpoint(args.kind, args.source, args.out, allow_pickle=args.allow_pickle,
+                                 classes=args.classes)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The UMT demo on the synthetic benchmark (see leanvl.demo)."""
+    """A method's demo on the synthetic benchmark (see leanvl.demo)."""
     from leanvl.demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.quiet, ablation=args.ablation,
-             synth_overrides=args.overrides, teacher=args.teacher)
+             synth_overrides=args.overrides, teacher=args.teacher, method=args.method)
     return 0
 
 
@@ -214,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device and threads")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="UMT on the synthetic benchmark, on the CPU: teacher, "
-                       "stage 1, stage 2, zero-shot evaluation, report")
+    p = sub.add_parser("demo", help="a method on the synthetic benchmark, on the CPU: "
+                       "pre-training, zero-shot evaluation, report (UMT: teacher, stage 1, "
+                       "stage 2)")
+    p.add_argument("--method", choices=["umt", "perceiver_vl"], default="umt",
+                   help="which method's pipeline to run (default: umt)")
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")
     p.add_argument("--ablation", action="store_true",
@@ -262,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=0,
                    help="also measure pre-training throughput (clips/s) at this batch size")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="training-throughput precision (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="create_model keyword overrides (YAML values)")
@@ -270,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert official checkpoints to leanvl weights")
     p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "clip-visual"])
     p.add_argument("source", help="official checkpoint (.pth/.pt/.bin/.safetensors)")
-    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("out", help="output .safetensors file (umt-finetune: a folder gives "
+                   "released weights that `leanvl eval classify --model` loads)")
+    p.add_argument("--classes", help="umt-finetune: JSON list of class names (default: indices)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling (only for files you trust)")
     p.set_defaults(func=cmd_convert)
