@@ -170,9 +170,11 @@ class Trainer:
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         if dist_utils.is_distributed():
             if find_unused_parameters is None:
-                # a model whose steps skip parameters (LayerDrop) says so
-                find_unused_parameters = any(bool(getattr(m, "ddp_find_unused_parameters", False))
-                                             for m in model.modules())
+                # a model whose steps skip parameters (LayerDrop, a task head using part of a
+                # backbone) says so; a loss weighted 0 leaves its head without gradients
+                find_unused_parameters = any(
+                    bool(getattr(m, "ddp_find_unused_parameters", False))
+                    for m in model.modules()) or 0.0 in self.loss_weights.values()
             ignored = [f"model.{name}" for name, _ in
                        list(model.named_parameters()) + list(model.named_buffers())
                        if is_frozen(name, self.frozen_prefixes)]

@@ -97,6 +97,9 @@ class VideoClassifier(nn.Module):
     ``{"classify": cross-entropy}`` with optional label smoothing.
     """
 
+    #: a task uses part of its backbone (a classifier never runs a stage-2 model's text side)
+    ddp_find_unused_parameters = True
+
     def __init__(self, model: nn.Module, num_classes: int, dim: int | None = None,
                  dropout: float = 0.0, init_scale: float = 1.0, label_smoothing: float = 0.0):
         super().__init__()

@@ -81,6 +81,9 @@ class VideoQAClassifier(nn.Module):
     ``{"qa": loss}``; ``layer_id(name)`` gives depths for layer-wise lr decay.
     """
 
+    #: a task uses part of its backbone (QA never runs the VTC projections or the VTM head)
+    ddp_find_unused_parameters = True
+
     def __init__(self, model: nn.Module, num_answers: int, dim: int | None = None,
                  dropout: float = 0.0):
         super().__init__()
