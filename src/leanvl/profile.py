@@ -288,12 +288,15 @@ def format_table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
 def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, text_len: int = 32,
                   part: str = "video", mask_ratio: float = 0.0, latency: bool = True,
                   repeats: int = 3, train_batch: int = 0, overrides: list[str] | None = None,
-                  device: torch.device | str | None = None) -> list[dict[str, str]]:
+                  device: torch.device | str | None = None, precision: str = "auto"
+                  ) -> list[dict[str, str]]:
     """The ``leanvl profile`` report of a registered model on random inputs.
 
     ``part`` picks what GFLOPs and latency cover: ``video`` (the video encoder, as the papers'
     tables), ``text``, or ``full`` (both encoders and one matching pass). ``train_batch`` > 0
-    adds pre-training throughput (clips/s) of ``pretrain_losses`` + backward.
+    adds pre-training throughput (clips/s) of ``pretrain_losses`` + backward + AdamW step under
+    ``precision`` (``auto``: bf16 autocast on GPU, fp32 on CPU, as training runs), its peak
+    memory and, on a known GPU, the model FLOPs utilisation of that step.
     """
     from omegaconf import OmegaConf
 
@@ -347,15 +350,35 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
         batch_t = {"video": torch.randn(train_batch, frames, 3, size, size, device=device),
                    "text_ids": ids_t, "text_mask": torch.ones_like(ids_t),
                    "index": torch.arange(train_batch, device=device)}
+        from leanvl.engine.optim import freeze
+        from leanvl.engine.precision import autocast, resolve_precision
+
+        freeze(model)  # teachers: no gradients, as in training
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-6)
+        resolved = resolve_precision(precision, device)
+
+        def losses():
+            with autocast(resolved, device):
+                return sum(model.pretrain_losses(batch_t).values())
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            sum(model.pretrain_losses(batch_t).values()).backward()
+            losses().backward()
             optimizer.step()
 
         throughput = training_throughput(step, train_batch, steps=repeats, device=device)
-        rows.append({"item": f"training throughput (batch {train_batch})",
+        rows.append({"item": f"training throughput (batch {train_batch}, {resolved})",
                      "value": f"{throughput:.1f} clips/s"})
+        peak = peak_memory(step, device)
+        if peak["peak_mib"] is not None:
+            rows.append({"item": f"training peak memory (MiB, {peak['method']})",
+                         "value": f"{peak['peak_mib']:.0f}"})
+        if device.type == "cuda":
+            step_flops = count_flops(losses, backward=True) * 1e9
+            mfu = model_flops_utilisation(step_flops, train_batch / throughput, device)
+            rows.append({"item": "training GFLOPs per step (forward + backward)",
+                         "value": f"{step_flops / 1e9:.0f}"})
+            rows.append({"item": "model FLOPs utilisation (bf16 peak)",
+                         "value": "n/a (unknown GPU)" if mfu is None else f"{100 * mfu:.1f}%"})
     return rows
