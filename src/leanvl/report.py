@@ -23,6 +23,11 @@ def _pyplot():
     return plt
 
 
+#: what the trainer logs besides the named losses and their weighted total ``loss``
+NOT_LOSSES = {"step", "epoch", "lr", "clips_per_s", "data_time", "step_time", "skipped",
+              "bad_samples", "grad_norm"}
+
+
 def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
     """The JSONL training log of one stage (empty if absent)."""
     path = stage_dir / "metrics.jsonl"
@@ -40,10 +45,13 @@ def plot_losses(stages: list[Path], path: Path) -> Path | None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.4), squeeze=False)
     for ax, (name, rows) in zip(axes[0], logs, strict=True):
-        keys = sorted({k for row in rows for k in row if k.startswith("loss/")})
+        keys = sorted({k for row in rows for k, v in row.items()
+                       if k not in NOT_LOSSES and not k.startswith("eval/")
+                       and isinstance(v, int | float) and v > 0})
         for key in keys:
-            points = [(row["step"], row[key]) for row in rows if key in row]
-            ax.plot(*zip(*points, strict=True), label=key.removeprefix("loss/"))
+            points = [(row["step"], row[key]) for row in rows if key in row and row[key] > 0]
+            ax.plot(*zip(*points, strict=True), label=key,
+                    linewidth=2.0 if key == "loss" else 1.0)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_yscale("log")
