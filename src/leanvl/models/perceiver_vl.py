@@ -216,9 +216,6 @@ class PerceiverVL(VideoLanguageModel):
         bad = set(self.losses) - set(LOSSES)
         if bad:
             raise ValueError(f"unknown losses {sorted(bad)}; choose from {LOSSES}")
-        if stream == "multi" and "vtm" in self.losses:
-            raise ValueError("a multi-stream model has no cross-encoder to train with VTM; use "
-                             "losses=[vtc, mlm] or stream=mixed")
         self.stream, self.aggregation = stream, aggregation
         self.num_cross_layers = num_cross_layers
         self.mlm_ratio, self.vtm_swap_prob = float(mlm_ratio), float(vtm_swap_prob)
@@ -406,6 +403,9 @@ class PerceiverVL(VideoLanguageModel):
     def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """VTM (visual input swapped with p=``vtm_swap_prob``), MLM through the query decoder
         and, when configured, VTC: ``{vtm, mlm[, vtc]}`` by ``self.losses``."""
+        if self.stream == "multi" and "vtm" in self.losses:
+            raise ValueError("a multi-stream model has no cross-encoder to train with VTM; use "
+                             "losses=[vtc, mlm] or stream=mixed")
         video, ids, text_mask = batch["video"], batch["text_ids"], batch["text_mask"]
         size = ids.shape[0]
         device = ids.device
@@ -431,6 +431,10 @@ class PerceiverVL(VideoLanguageModel):
                           video_mask[source]),
                 "text": (text_inputs, text_mask)})
             video_latents = text_latents = None
+            if "vtc" in self.losses:  # the separate encodings behind the re-ranking pre-filter
+                video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
+                text_latents = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
+                                                            text_mask)})
         else:
             video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
             text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
@@ -439,8 +443,6 @@ class PerceiverVL(VideoLanguageModel):
             else:  # multi: MLM reads the text's own latents
                 context = text_latents + self.stream_embed.weight[TEXT]
         if "vtc" in self.losses:
-            if video_latents is None:
-                raise ValueError("VTC needs separate encodings: use stream=mixed or multi")
             losses["vtc"] = vtc_loss(
                 F.normalize(self.video_proj(video_latents.mean(1)), dim=-1),
                 F.normalize(self.text_proj(text_latents.mean(1)), dim=-1),
