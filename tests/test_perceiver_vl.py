@@ -249,3 +249,28 @@ def test_cost_grows_linearly_for_perceiver_and_quadratically_for_joint_attention
     steps = [b - a for a, b in zip(by_latents, by_latents[1:])]
     # equal steps per doubling of N would be quadratic; linear means each step doubles
     assert all(1.8 < later / earlier < 2.3 for earlier, later in zip(steps, steps[1:]))
+
+
+def test_every_task_runs_a_perceiver_unchanged(clip_folder):
+    from leanvl.config import EvalConfig
+    from leanvl.data.datasets import Collator, VideoTextDataset
+    from leanvl.data.text import TextEncoder
+    from leanvl.tasks.qa import VideoQAClassifier
+    from leanvl.tasks.classify import VideoClassifier
+    from leanvl.tasks.retrieval import evaluate_retrieval
+
+    root, anno = clip_folder
+    dataset = VideoTextDataset(anno, root, num_frames=2, size=32, train=False, sampling="middle")
+    text = TextEncoder(max_len=12)
+    model = small(vocab_size=text.vocab_size).eval()
+    result = evaluate_retrieval(model, dataset, text, EvalConfig(rerank_k=4), batch_size=4,
+                                progress_bar=False)
+    assert result["num_texts"] == 12 and "rerank_skipped" in result
+    assert 0.0 <= result["dual/t2v/R@1"] <= 100.0
+    batch = Collator(text)([dataset[i] for i in range(3)])
+    qa = VideoQAClassifier(model, num_answers=5)
+    assert qa(batch["video"], batch["text_ids"], batch["text_mask"]).shape == (3, 5)
+    classifier = VideoClassifier(model, num_classes=4)
+    assert classifier.classify_logits(batch["video"]).shape == (3, 4)
+    train = small(vocab_size=text.vocab_size, stream="mixed")
+    assert set(train.pretrain_losses(batch)) == {"vtm", "mlm"}
