@@ -1,4 +1,6 @@
-"""``leanvl demo``: the whole UMT pipeline on the synthetic benchmark, on the CPU.
+"""``leanvl demo``: a method's whole pipeline on the synthetic benchmark, on the CPU.
+
+``--method umt`` (default):
 
 1. generate the synthetic benchmark (real mp4 files + annotations);
 2. train a small CLIP with VTC on single frames (no CLIP weights exist offline; with real
@@ -7,6 +9,11 @@
 4. UMT stage 2: vision-language pre-training (VTC + VTM + MLM + UTA) from the stage-1 weights;
 5. zero-shot evaluation: retrieval on the 1,000-clip test split, multiple choice (temporal and
    static items), QA by answer ranking; a results table and a report folder with plots.
+
+``--method perceiver_vl``: the same benchmark and evaluation around one pre-training stage of
+Perceiver-VL-tiny (VTM with swapped videos + MLM through the query decoder, LayerDrop on
+cross-attention), evaluated as a mixed-stream model (every test pair scored by the decoder over
+cached latents).
 
 A stage whose released weights exist with an identical config is reused, so an interrupted
 demo continues where it stopped.
@@ -29,7 +36,8 @@ log = logging.getLogger(__name__)
 QUICK_SYNTH = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200",
                "classify_train_clips=200", "classify_test_clips=100"]
 QUICK_TRAIN = {"teacher": ["train.epochs=3"], "stage1": ["train.epochs=1"],
-               "stage2": ["train.epochs=4"]}
+               "stage2": ["train.epochs=4"], "perceiver_vl": ["train.epochs=4"]}
+METHODS = ("umt", "perceiver_vl")
 
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
@@ -46,7 +54,7 @@ def _done(cfg) -> bool:
         and saved.read_text() == OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def _train_stage(name: str, cfg, timings: dict[str, float]) -> Path:
+def _train_stage(name: str, cfg, timings: dict[str, float], progress: bool = True) -> Path:
     from leanvl.tasks.pretrain import run_pretrain
 
     if _done(cfg):
@@ -54,7 +62,7 @@ def _train_stage(name: str, cfg, timings: dict[str, float]) -> Path:
         timings[name] = json.loads((Path(cfg.out) / "stage_time.json").read_text())["seconds"]
     else:
         start = time.perf_counter()
-        run_pretrain(cfg, evaluate=lambda model: {})
+        run_pretrain(cfg, evaluate=lambda model: {}, progress=progress)
         timings[name] = time.perf_counter() - start
         (Path(cfg.out) / "stage_time.json").write_text(json.dumps({"seconds": timings[name]}))
         save_config(cfg, cfg.out, "stage_config.yaml")
@@ -95,14 +103,22 @@ def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) 
 def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:
     """The demo's summary as an aligned text table."""
     r, mc, qa = results["retrieval"], results["mc"], results["qa"]
+    final = "rerank_skipped" in r  # the model's similarity already is its final score
     rows = [
-        ("text-to-video R@1 / R@5 / R@10 (dual encoder)",
+        ("text-to-video R@1 / R@5 / R@10" + ("" if final else " (dual encoder)"),
          f"{r['dual/t2v/R@1']:.1f} / {r['dual/t2v/R@5']:.1f} / {r['dual/t2v/R@10']:.1f}"),
-        (f"text-to-video R@1 / R@5 / R@10 (re-ranked, k={r.get('rerank_k', '-')})",
-         f"{r['rerank/t2v/R@1']:.1f} / {r['rerank/t2v/R@5']:.1f} / {r['rerank/t2v/R@10']:.1f}"
-         if "rerank/t2v/R@1" in r else "-"),
-        ("video-to-text R@1 (dual / re-ranked)",
-         f"{r['dual/v2t/R@1']:.1f} / {r.get('rerank/v2t/R@1', float('nan')):.1f}"),
+    ]
+    if final:
+        rows.append(("video-to-text R@1", f"{r['dual/v2t/R@1']:.1f}"))
+    else:
+        rows += [
+            (f"text-to-video R@1 / R@5 / R@10 (re-ranked, k={r.get('rerank_k', '-')})",
+             f"{r['rerank/t2v/R@1']:.1f} / {r['rerank/t2v/R@5']:.1f} / "
+             f"{r['rerank/t2v/R@10']:.1f}" if "rerank/t2v/R@1" in r else "-"),
+            ("video-to-text R@1 (dual / re-ranked)",
+             f"{r['dual/v2t/R@1']:.1f} / {r.get('rerank/v2t/R@1', float('nan')):.1f}"),
+        ]
+    rows += [
         ("retrieval test clips (unique captions)",
          f"{r['num_videos']} ({100 * r['unique_caption_fraction']:.1f}%)"),
         ("multiple choice accuracy: all / temporal / static (chance 20)",
@@ -117,12 +133,16 @@ def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:
 
 def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool = True,
              ablation: bool = False, synth_overrides: list[str] | None = None,
-             teacher: str | None = None) -> dict[str, Any]:
-    """Run the demo into ``out``; returns {results, timings, report}."""
+             teacher: str | None = None, method: str = "umt") -> dict[str, Any]:
+    """Run the demo of ``method`` into ``out``; returns {results, timings, report}."""
     from leanvl.config import to_object
     from leanvl.data import synthetic
     from leanvl.report import write_report
 
+    if method not in METHODS:
+        raise ValueError(f"unknown demo method {method!r}; choose from {', '.join(METHODS)}")
+    if method != "umt" and (ablation or teacher):
+        raise ValueError("--ablation and --teacher belong to the UMT demo (--method umt)")
     out = Path(out)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -136,9 +156,37 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
     root = out / "synth"
     quick_for = (lambda stage: QUICK_TRAIN[stage]) if quick else (lambda stage: [])
 
+    if method == "perceiver_vl":
+        cfg = _stage_config("demo_perceiver_vl", out / "perceiver_vl", root,
+                            quick_for("perceiver_vl"))
+        final = _train_stage("Perceiver-VL pre-training", cfg, timings, progress)
+        stages, report_name = [out / "perceiver_vl"], "report_perceiver_vl"
+    else:
+        final, cfg, teacher = _umt_stages(out, root, ablation, teacher, quick_for, timings,
+                                          progress)
+        stages = _stage_dirs(out, ablation, teacher)
+        report_name = "report_ablation" if ablation else "report"
+    eval_start = time.perf_counter()
+    results = evaluate_all(final, root, cfg, progress)
+    timings["zero-shot evaluation"] = time.perf_counter() - eval_start
+    timings["total"] = time.perf_counter() - start
+    table = results_table(results, timings)
+    report = write_report(out / report_name, results, timings, table, stages=stages,
+                          model_dir=final, synth_root=root, teacher=teacher, cfg=cfg)
+    name = "results.json" if report_name == "report" else f"results_{report_name[7:]}.json"
+    (out / name).write_text(json.dumps({"results": results, "timings": timings}, indent=1,
+                                       default=float))
+    print("\n" + table + f"\n\nreport: {report}")
+    return {"results": results, "timings": timings, "report": str(report)}
+
+
+def _umt_stages(out: Path, root: Path, ablation: bool, teacher: str | None, quick_for,
+                timings: dict[str, float], progress: bool = True):
+    """The UMT stages (teacher, stage 1, stage 2 or the stage-2-only ablation); returns the
+    final weights folder, the last stage's config and the teacher file."""
     if teacher is None:
         cfg = _stage_config("demo_clip_teacher", out / "teacher", root, quick_for("teacher"))
-        teacher_dir = _train_stage("teacher (CLIP, VTC on frames)", cfg, timings)
+        teacher_dir = _train_stage("teacher (CLIP, VTC on frames)", cfg, timings, progress)
         teacher = str(out / "teacher" / "clip_visual.safetensors")
         if not Path(teacher).is_file() or Path(teacher).stat().st_mtime < \
                 (teacher_dir / "model.safetensors").stat().st_mtime:
@@ -150,26 +198,15 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
         cfg = _stage_config("demo_umt_stage2", out / "stage2_only", root,
                             ["model.kwargs.teacher=", "model.kwargs.mask_type=random"]
                             + quick_for("stage2"))
-        final = _train_stage("stage 2 only (no stage 1, no UTA)", cfg, timings)
+        final = _train_stage("stage 2 only (no stage 1, no UTA)", cfg, timings, progress)
     else:
         cfg = _stage_config("demo_umt_stage1", out / "stage1", root,
                             teacher_args + quick_for("stage1"))
-        stage1 = _train_stage("UMT stage 1", cfg, timings)
+        stage1 = _train_stage("UMT stage 1", cfg, timings, progress)
         cfg = _stage_config("demo_umt_stage2", out / "stage2", root,
                             teacher_args + [f"model.pretrained={stage1}"] + quick_for("stage2"))
-        final = _train_stage("UMT stage 2", cfg, timings)
-    eval_start = time.perf_counter()
-    results = evaluate_all(final, root, cfg, progress)
-    timings["zero-shot evaluation"] = time.perf_counter() - eval_start
-    timings["total"] = time.perf_counter() - start
-    table = results_table(results, timings)
-    report = write_report(out / ("report_ablation" if ablation else "report"), results, timings,
-                          table, stages=[Path(c) for c in _stage_dirs(out, ablation, teacher)],
-                          model_dir=final, synth_root=root, teacher=teacher, cfg=cfg)
-    (out / "results.json").write_text(json.dumps({"results": results, "timings": timings},
-                                                 indent=1, default=float))
-    print("\n" + table + f"\n\nreport: {report}")
-    return {"results": results, "timings": timings, "report": str(report)}
+        final = _train_stage("UMT stage 2", cfg, timings, progress)
+    return final, cfg, teacher
 
 
 def _stage_dirs(out: Path, ablation: bool, teacher: str) -> list[Path]:

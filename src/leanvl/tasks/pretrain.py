@@ -150,8 +150,9 @@ def release(model: nn.Module, folder: str | Path) -> Path:
     return save_pretrained(model, folder, kwargs=kwargs, exclude_prefixes=tuple(exclude))
 
 
-def run_pretrain(cfg: Any, evaluate=None) -> dict[str, Any]:
-    """Pre-train ``cfg.model`` on ``cfg.data.train``; release weights to ``cfg.out/model``."""
+def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, Any]:
+    """Pre-train ``cfg.model`` on ``cfg.data.train``; release weights to ``cfg.out/model``
+    (``progress``: the progress bar on rank 0; without it, a log line per ``log_every``)."""
     from leanvl.engine import distributed
     from leanvl.engine.logging import setup_logging
     from leanvl.engine.trainer import Trainer
@@ -164,7 +165,8 @@ def run_pretrain(cfg: Any, evaluate=None) -> dict[str, Any]:
     loader = build_train_loader(cfg, text)
     if evaluate is None:
         evaluate = retrieval_callback(cfg, text, info.device)
-    trainer = Trainer(cfg, model, loader, evaluate=evaluate, device=info.device)
+    trainer = Trainer(cfg, model, loader, evaluate=evaluate, device=info.device,
+                      progress=progress)
     result = trainer.fit()
     if distributed.is_main():
         result["released"] = str(release(model, Path(cfg.out) / "model"))
