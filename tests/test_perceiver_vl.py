@@ -255,8 +255,8 @@ def test_every_task_runs_a_perceiver_unchanged(clip_folder):
     from leanvl.config import EvalConfig
     from leanvl.data.datasets import Collator, VideoTextDataset
     from leanvl.data.text import TextEncoder
-    from leanvl.tasks.qa import VideoQAClassifier
     from leanvl.tasks.classify import VideoClassifier
+    from leanvl.tasks.qa import VideoQAClassifier
     from leanvl.tasks.retrieval import evaluate_retrieval
 
     root, anno = clip_folder
