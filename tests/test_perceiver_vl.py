@@ -98,7 +98,7 @@ def test_single_and_multi_streams():
         joint = single.match(video, text)
         # the joint encoder sees both modalities: the score changes with the video
         swapped = single.match(video.index(torch.tensor([1, 0, 3, 2])), text)
-    assert video.inputs.shape == (4, 2 * 4, 64) and single.needs_rerank
+    assert video.inputs.shape == (4, 2 * 4, 64)
     assert not torch.allclose(joint, swapped)
     multi = small(stream="multi").eval()
     with torch.no_grad():
@@ -274,3 +274,37 @@ def test_every_task_runs_a_perceiver_unchanged(clip_folder):
     assert classifier.classify_logits(batch["video"]).shape == (3, 4)
     train = small(vocab_size=text.vocab_size, stream="mixed")
     assert set(train.pretrain_losses(batch)) == {"vtm", "mlm"}
+
+
+def test_single_stream_without_vtc_scores_every_pair_jointly():
+    data = batch(size=3)
+    model = small(stream="single").eval()  # the paper's VTM + MLM: no trained dual encoder
+    assert not model.needs_rerank and model.ddp_find_unused_parameters
+    with torch.no_grad():
+        video = model.encode_video(data["video"])
+        text = model.encode_text(data["text_ids"], data["text_mask"])
+        scores = model.similarity(video, text)
+        pairwise = torch.stack([model.match(video.index(torch.full((3,), i)), text)
+                                for i in range(3)])
+    assert torch.allclose(scores, pairwise, atol=1e-5)
+    assert small(stream="single", losses=["vtc", "vtm", "mlm"]).needs_rerank
+
+
+def test_mixed_scores_stay_float32_under_bf16_autocast():
+    model = small(stream="mixed").eval()
+    data = batch(size=4)
+    with torch.no_grad():
+        video = model.encode_video(data["video"])
+        text = model.encode_text(data["text_ids"], data["text_mask"])
+        exact = model.similarity(video, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = model.similarity(video, text)
+    assert under.dtype == torch.float32 and torch.allclose(under, exact, atol=1e-5)
+
+
+def test_vtc_aligns_clean_captions_when_mlm_masks_them():
+    data = batch(size=4)
+    with_mlm = small(stream="multi", losses=["vtc", "mlm"], layer_drop=0.0, mlm_ratio=1.0)
+    without = small(stream="multi", losses=["vtc"], layer_drop=0.0)
+    assert torch.allclose(with_mlm.pretrain_losses(data)["vtc"],
+                          without.pretrain_losses(data)["vtc"], atol=1e-6)

@@ -263,8 +263,10 @@ class PerceiverVL(VideoLanguageModel):
     # ---- DDP / engine hints ---------------------------------------------------------------
     @property
     def ddp_find_unused_parameters(self) -> bool:
-        """LayerDrop and the multi-stream (no decoder for VTM) leave parameters unused."""
-        return self.encoder.layer_drop > 0 or self.stream == "multi"
+        """Always: LayerDrop skips cross-attentions, and every stream / loss choice leaves some
+        parts idle (the projections without VTC, the decoder in multi-stream, the stream
+        embedding in single-stream, ...)."""
+        return True
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -273,9 +275,11 @@ class PerceiverVL(VideoLanguageModel):
 
     @property
     def needs_rerank(self) -> bool:
-        """Only single-stream re-ranks: mixed-stream ``similarity`` already is the decoder's
-        VTM score of every pair, and multi-stream ``match`` equals ``similarity``."""
-        return self.stream == "single"
+        """Only a single-stream model trained with VTC re-ranks (its dual encoder is the
+        pre-filter): a single-stream ``similarity`` without VTC scores every pair jointly,
+        mixed-stream ``similarity`` already is the decoder's VTM score of every pair, and
+        multi-stream ``match`` equals ``similarity``."""
+        return self.stream == "single" and "vtc" in self.losses
 
     # ---- encoding -------------------------------------------------------------------------
     def encode_inputs(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
@@ -359,7 +363,12 @@ class PerceiverVL(VideoLanguageModel):
         return self.vtm_head(self.fused_cls(video, text)).squeeze(-1)
 
     def decoder_cache(self, latents: torch.Tensor, side: int) -> DecoderCache:
-        """Per-item partial softmax of the [CLS] query over one side's decoder keys."""
+        """Per-item partial softmax of the [CLS] query over one side's decoder keys (float32,
+        also under autocast: the parts are summed and divided across items)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            return self._decoder_cache(latents.float(), side)
+
+    def _decoder_cache(self, latents: torch.Tensor, side: int) -> DecoderCache:
         attn = self.decoder.attn
         context = self.decoder.norm_context(latents + self.stream_embed.weight[side])
         query = attn.q(self.decoder.norm1(self.query_cls))  # 1 x D
@@ -374,6 +383,10 @@ class PerceiverVL(VideoLanguageModel):
 
     def mixed_scores(self, video: DecoderCache, text: DecoderCache) -> torch.Tensor:
         """VTM logits of every (video, text) pair from the two sides' caches: B_v x B_t."""
+        with torch.autocast(video.peak.device.type, enabled=False):
+            return self._mixed_scores(video, text)
+
+    def _mixed_scores(self, video: DecoderCache, text: DecoderCache) -> torch.Tensor:
         peak = torch.maximum(video.peak[:, None], text.peak[None])  # Bv x Bt x H
         scale_v = (video.peak[:, None] - peak).exp()
         scale_t = (text.peak[None] - peak).exp()
@@ -381,14 +394,18 @@ class PerceiverVL(VideoLanguageModel):
         mixed = (scale_v[..., None] * video.values[:, None]
                  + scale_t[..., None] * text.values[None]) / total[..., None]
         attn = self.decoder.attn
-        out = attn.proj(mixed.flatten(2).to(attn.proj.weight.dtype))  # Bv x Bt x D
+        out = attn.proj(mixed.flatten(2))  # Bv x Bt x D
         cls = self.decoder.mlp_part(self.query_cls + out)
         return self.vtm_head(self.decoder_norm(cls)).squeeze(-1)
 
     def similarity(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
                    ) -> torch.Tensor:
-        """B_v x B_t scores: mixed-stream VTM logits of every pair (mixed), else the dual
-        encoder's dot product over temperature (multi, and single's pre-filter)."""
+        """B_v x B_t scores: mixed-stream VTM logits of every pair (mixed); the dual encoder's
+        dot product over temperature (multi, and single's pre-filter when it was trained with
+        VTC); otherwise (single without VTC, whose projections never trained) the joint
+        encoder on every pair, as the paper scores single-stream retrieval."""
+        if self.stream == "single" and "vtc" not in self.losses:
+            return self.joint_scores(video, text)
         if self.stream != "mixed":
             return super().similarity(video, text)
         text_cache = self.decoder_cache(text.latents, TEXT)
@@ -398,6 +415,21 @@ class PerceiverVL(VideoLanguageModel):
             cache = self.decoder_cache(video.tokens[start:start + rows], VIDEO)
             parts.append(self.mixed_scores(cache, text_cache))
         return torch.cat(parts)
+
+    def joint_scores(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
+                     ) -> torch.Tensor:
+        """Single-stream VTM logits of every (video, text) pair, ``pair_chunk`` pairs a pass."""
+        num_videos, num_texts = video.embedding.shape[0], text.embedding.shape[0]
+        device = video.embedding.device
+        rows = max(1, self.pair_chunk // max(1, num_texts))
+        scores = torch.empty(num_videos, num_texts, device=device)
+        texts = torch.arange(num_texts, device=text.embedding.device)
+        for start in range(0, num_videos, rows):
+            stop = min(start + rows, num_videos)
+            videos = torch.arange(start, stop, device=device).repeat_interleave(num_texts)
+            pairs = self.match(video.index(videos), text.index(texts.repeat(stop - start)))
+            scores[start:stop] = pairs.view(stop - start, num_texts).float()
+        return scores
 
     # ---- pre-training ---------------------------------------------------------------------
     def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -437,11 +469,15 @@ class PerceiverVL(VideoLanguageModel):
                                                             text_mask)})
         else:
             video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
-            text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
+            masked_latents = text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
+            if "vtc" in self.losses and "mlm" in self.losses:
+                # VTC aligns the clean captions that retrieval will encode, not the masked ones
+                text_latents = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
+                                                            text_mask)})
             if self.stream == "mixed":
-                context = self.mixed_context(video_latents[source], text_latents)
+                context = self.mixed_context(video_latents[source], masked_latents)
             else:  # multi: MLM reads the text's own latents
-                context = text_latents + self.stream_embed.weight[TEXT]
+                context = masked_latents + self.stream_embed.weight[TEXT]
         if "vtc" in self.losses:
             losses["vtc"] = vtc_loss(
                 F.normalize(self.video_proj(video_latents.mean(1)), dim=-1),
