@@ -13,8 +13,8 @@ Every architecture scores every (text, video) pair of the split, as the paper's 
   concatenated latents is reduced per item and combined per pair (``PerceiverVL.similarity``);
 - multi: the same encodings, a dot product of pooled projections (the mixed model's weights;
   its projections are only trained when VTC is among its losses, so its R@1 is indicative);
-- single: the joint encoder and decoder run on every pair (``PerceiverVL.match``), videos'
-  input arrays cached. On a CPU this is slow, so by default it runs on ``--single-texts``
+- single: the joint encoder and decoder run on every pair (``PerceiverVL.joint_scores``),
+  videos' input arrays cached. On a CPU this is slow, so by default it runs on ``--single-texts``
   captions against all videos; its time is scaled to all captions (the cost is per pair) and
   its R@1 is over those captions, next to the mixed model's R@1 on the same captions.
 
@@ -37,23 +37,8 @@ from leanvl.config import load_config  # noqa: E402
 from leanvl.data.datasets import build_dataset  # noqa: E402
 from leanvl.engine.checkpoint import load_pretrained  # noqa: E402
 from leanvl.metrics import retrieval_metrics  # noqa: E402
-from leanvl.tasks.common import batches, evaluating  # noqa: E402
 from leanvl.tasks.pretrain import build_text_encoder  # noqa: E402
 from leanvl.tasks.retrieval import encode_texts, encode_videos, similarity_matrix  # noqa: E402
-
-
-def single_stream_scores(model, videos, texts, rows: list[int], batch_size: int) -> torch.Tensor:
-    """len(rows) x num_videos joint-encoder VTM logits (every pair runs the whole model)."""
-    num_videos = videos.embedding.shape[0]
-    scores = torch.empty(len(rows), num_videos)
-    with evaluating(model):
-        for i, row in enumerate(rows):
-            text = texts.index(torch.tensor([row]))
-            for part in batches(num_videos, batch_size):
-                index = torch.arange(part.start, part.stop)
-                scores[i, part] = model.match(videos.index(index), text.index(
-                    torch.zeros(len(index), dtype=torch.long))).float().cpu()
-    return scores
 
 
 def main() -> None:
@@ -63,7 +48,8 @@ def main() -> None:
     parser.add_argument("--single", required=True, help="released single-stream weights")
     parser.add_argument("--single-texts", type=int, default=100,
                         help="captions scored the single-stream way (0: all)")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=250,
+                        help="(video, caption) pairs per single-stream pass")
     parser.add_argument("overrides", nargs="*", help="config overrides (e.g. data.tokenizer=DIR)")
     args = parser.parse_args()
     root = Path(args.synth)
@@ -103,7 +89,8 @@ def main() -> None:
                          batch_size=64, progress_bar=False)
     encode_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    scores = single_stream_scores(model, videos, texts, list(range(count)), args.batch_size)
+    with torch.no_grad():
+        scores = model.joint_scores(videos, texts, args.batch_size).t().cpu()  # texts x videos
     pair_seconds = time.perf_counter() - start
     full = encode_seconds + pair_seconds * len(captions) / count
     subset_owners = owners_t[chosen].tolist()

@@ -416,20 +416,18 @@ class PerceiverVL(VideoLanguageModel):
             parts.append(self.mixed_scores(cache, text_cache))
         return torch.cat(parts)
 
-    def joint_scores(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
-                     ) -> torch.Tensor:
-        """Single-stream VTM logits of every (video, text) pair, ``pair_chunk`` pairs a pass."""
+    def joint_scores(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures,
+                     pairs_per_pass: int = 512) -> torch.Tensor:
+        """Single-stream VTM logits of every (video, text) pair: B_v x B_t, the joint encoder
+        run on ``pairs_per_pass`` pairs at a time (each pair holds its whole input array)."""
         num_videos, num_texts = video.embedding.shape[0], text.embedding.shape[0]
-        device = video.embedding.device
-        rows = max(1, self.pair_chunk // max(1, num_texts))
-        scores = torch.empty(num_videos, num_texts, device=device)
-        texts = torch.arange(num_texts, device=text.embedding.device)
-        for start in range(0, num_videos, rows):
-            stop = min(start + rows, num_videos)
-            videos = torch.arange(start, stop, device=device).repeat_interleave(num_texts)
-            pairs = self.match(video.index(videos), text.index(texts.repeat(stop - start)))
-            scores[start:stop] = pairs.view(stop - start, num_texts).float()
-        return scores
+        scores = torch.empty(num_videos * num_texts, device=video.embedding.device)
+        for start in range(0, num_videos * num_texts, pairs_per_pass):
+            pair = torch.arange(start, min(start + pairs_per_pass, num_videos * num_texts))
+            scores[pair] = self.match(
+                video.index(pair.div(num_texts, rounding_mode="floor").to(video.embedding.device)),
+                text.index((pair % num_texts).to(text.embedding.device))).float()
+        return scores.view(num_videos, num_texts)
 
     # ---- pre-training ---------------------------------------------------------------------
     def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
