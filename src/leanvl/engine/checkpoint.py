@@ -184,7 +184,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor],
 
 # ---------------------------------------------------------------- released weights
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     """OmegaConf containers / tuples -> JSON-ready lists and dicts."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -194,9 +194,9 @@ def _plain(value: Any) -> Any:
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -246,8 +246,6 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str | Non
     """
     from safetensors.torch import save_file
 
-    from leanvl.data.annotations import atomic_write_text
-
     name = name if name is not None else getattr(model, "registry_name", None)
     if not name:
         raise ValueError("save_pretrained needs the registry name of the model (name=...)")
@@ -264,10 +262,21 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, name: str | Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    config = {"name": name, "kwargs": _plain(dict(kwargs)), "leanvl_version": _version(),
-              "excluded_prefixes": list(exclude_prefixes), "extra": _plain(extra or {})}
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_release_config(folder, name, kwargs, exclude_prefixes, extra)
     return folder
+
+
+def write_release_config(folder: str | os.PathLike, name: str, kwargs: dict[str, Any],
+                         exclude_prefixes: Sequence[str] = (),
+                         extra: dict[str, Any] | None = None) -> Path:
+    """Write the ``config.json`` of released weights (atomically); returns its path."""
+    from leanvl.data.annotations import atomic_write_text
+
+    config = {"name": name, "kwargs": to_plain(dict(kwargs)), "leanvl_version": _version(),
+              "excluded_prefixes": list(exclude_prefixes), "extra": to_plain(extra or {})}
+    path = Path(folder) / CONFIG_NAME
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    return path
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
@@ -322,7 +331,7 @@ def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.M
                                     "(released weights) or a training checkpoint (.pt)")
         config = json.loads((folder / CONFIG_NAME).read_text())
         state = read_safetensors(weights, device)
-    kwargs = {**config.get("kwargs", {}), **_plain(dict(overrides or {}))}
+    kwargs = {**config.get("kwargs", {}), **to_plain(dict(overrides or {}))}
     model = factory(config["name"], **kwargs)
     load_model_state(model, state, allow_missing=config.get("excluded_prefixes", []))
     model.registry_name = config["name"]

@@ -68,7 +68,7 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 def _skip_decay(name: str, param: torch.Tensor, declared: set[str]) -> bool:
     if param.ndim <= 1 or name.endswith(".bias"):
         return True
-    return any(name == d or name.startswith(d + ".") for d in declared)
+    return any(_under(name, d) for d in declared)
 
 
 def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float] | None:
@@ -86,11 +86,16 @@ def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float] | Non
             for name, _ in model.named_parameters()}
 
 
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` itself or lies inside module ``prefix``."""
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
 def prefix_scale(name: str, lr_scales: dict[str, float] | None) -> float:
     """The multiplier of the longest ``lr_scales`` prefix that ``name`` starts with (else 1)."""
     best, scale = -1, 1.0
     for prefix, value in (lr_scales or {}).items():
-        if (name == prefix or name.startswith(prefix.rstrip(".") + ".")) and len(prefix) > best:
+        if _under(name, prefix) and len(prefix) > best:
             best, scale = len(prefix), float(value)
     return scale
 
@@ -110,7 +115,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float = 1.0,
     scales = layer_scales(model, layer_decay)
     names = {name for name, _ in model.named_parameters()}
     for prefix in lr_scales or {}:
-        if not any(n == prefix or n.startswith(prefix.rstrip(".") + ".") for n in names):
+        if not any(_under(n, prefix) for n in names):
             raise ValueError(f"train.lr_scales: no parameter of {type(model).__name__} starts "
                              f"with '{prefix}'")
     groups: dict[tuple[bool, float], dict[str, Any]] = {}
@@ -141,11 +146,9 @@ def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:
     Freezes the model's ``frozen_prefixes`` first, so they never reach the optimizer.
     """
     freeze(model)
-    lr_scales = getattr(train_cfg, "lr_scales", None)
-    if lr_scales is not None and not isinstance(lr_scales, dict):
-        from omegaconf import OmegaConf
+    from leanvl.engine.checkpoint import to_plain
 
-        lr_scales = OmegaConf.to_container(lr_scales, resolve=True)
+    lr_scales = to_plain(getattr(train_cfg, "lr_scales", None))
     groups = param_groups(model, float(train_cfg.weight_decay), float(train_cfg.lr),
                           float(train_cfg.layer_decay), lr_scales)
     betas = tuple(float(b) for b in train_cfg.betas)

@@ -18,17 +18,23 @@ Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_ans
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 
-def _index_rows(features, rows):
-    """A copy of a feature dataclass (any subclass) with every tensor field indexed by rows."""
-    values = {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
-    return type(features)(**{k: v[rows] if torch.is_tensor(v) else v for k, v in values.items()})
+def feature_fields(features: Any) -> dict[str, Any]:
+    """The dataclass fields of a feature object (works for subclasses with extra fields)."""
+    return {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
+
+
+def map_features(features: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor field of a feature dataclass; other fields are kept."""
+    values = {k: fn(v) if torch.is_tensor(v) else v for k, v in feature_fields(features).items()}
+    return type(features)(**values)
 
 
 @dataclass
@@ -47,7 +53,7 @@ class VideoFeatures:
 
     def index(self, rows) -> VideoFeatures:
         """The features of a subset of rows (for re-ranking)."""
-        return _index_rows(self, rows)
+        return map_features(self, lambda tensor: tensor[rows])
 
 
 @dataclass
@@ -63,7 +69,7 @@ class TextFeatures:
 
     def index(self, rows) -> TextFeatures:
         """The features of a subset of rows."""
-        return _index_rows(self, rows)
+        return map_features(self, lambda tensor: tensor[rows])
 
 
 #: text encoders that ship offline with leanvl's dependencies, by name (``text_pretrained=``)

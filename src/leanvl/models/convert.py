@@ -82,8 +82,7 @@ def _release_classifier(state: dict[str, torch.Tensor], folder: Path,
     """Write a converted UMT classifier as released weights (model.safetensors + config.json)."""
     import json
 
-    from leanvl.data.annotations import atomic_write_text
-    from leanvl.engine.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _version
+    from leanvl.engine.checkpoint import WEIGHTS_NAME, write_release_config
 
     width = int(state["head.fc_norm.weight"].shape[0])
     num_classes = int(state["head.head.weight"].shape[0])
@@ -96,9 +95,7 @@ def _release_classifier(state: dict[str, torch.Tensor], folder: Path,
             raise ValueError(f"{classes}: expected a JSON list of {num_classes} class names")
     folder.mkdir(parents=True, exist_ok=True)
     _save(state, folder / WEIGHTS_NAME)
-    config = {"name": UMT_BY_WIDTH[width],
-              "kwargs": {"stage": 1, "mask_type": "none", "vision": {"final_norm": False}},
-              "leanvl_version": _version(), "excluded_prefixes": [],
-              "extra": {"task": "classify", "labels": labels}}
-    atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_release_config(folder, UMT_BY_WIDTH[width],
+                         {"stage": 1, "mask_type": "none", "vision": {"final_norm": False}},
+                         extra={"task": "classify", "labels": labels})
     return {"model": UMT_BY_WIDTH[width], "classes": num_classes}

@@ -4,14 +4,13 @@ sees every item on every rank, and batching/concatenation of feature dataclasses
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from leanvl.models.base import TextFeatures, VideoFeatures
+from leanvl.models.base import TextFeatures, VideoFeatures, feature_fields, map_features
 
 Features = TypeVar("Features", VideoFeatures, TextFeatures)
 
@@ -57,17 +56,6 @@ def batches(count: int, size: int) -> Iterator[slice]:
     size = max(1, int(size))
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
-
-
-def feature_fields(features: Any) -> dict[str, Any]:
-    """The dataclass fields of a feature object (works for subclasses with extra fields)."""
-    return {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
-
-
-def map_features(features: Features, fn) -> Features:
-    """Apply ``fn`` to every tensor field of a feature dataclass; other fields are kept."""
-    values = {k: fn(v) if torch.is_tensor(v) else v for k, v in feature_fields(features).items()}
-    return type(features)(**values)
 
 
 def move_features(features: Features, device: torch.device | str | None,

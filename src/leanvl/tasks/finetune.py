@@ -167,12 +167,9 @@ def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
     configure_threads(cfg.data.num_workers)
     pretrained = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if pretrained is not None and (pretrained / "config.json").is_file():
-        from omegaconf import OmegaConf
+        from leanvl.engine.checkpoint import to_plain
 
-        overrides = cfg.model.kwargs
-        if not isinstance(overrides, dict):
-            overrides = OmegaConf.to_container(overrides, resolve=True)
-        model, trained_task, labels = load_finetuned(pretrained, overrides)
+        model, trained_task, labels = load_finetuned(pretrained, to_plain(cfg.model.kwargs))
         if trained_task in ("qa", "classify") and trained_task != task:
             raise ValueError(f"{pretrained} was fine-tuned for {trained_task}, not {task}")
     else:
