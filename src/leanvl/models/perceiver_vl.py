@@ -293,7 +293,7 @@ class PerceiverVL(VideoLanguageModel):
         """The video's own latents and pooled embedding (+ its input array in single-stream)."""
         inputs, mask = self.embed.video(video, frame_mask)
         latents = self.encode_inputs({"video": (inputs, mask)})
-        embedding = F.normalize(self.video_proj(latents.mean(dim=1)), dim=-1)
+        embedding = self.pooled_embedding(latents, self.video_proj)
         keep = self.stream == "single"
         return PerceiverVideoFeatures(tokens=latents, embedding=embedding,
                                       inputs=inputs if keep else None,
@@ -304,9 +304,14 @@ class PerceiverVL(VideoLanguageModel):
         """The text's input array (tokens), its own latents and pooled embedding."""
         inputs = self.embed.text(text_ids, text_mask)
         latents = self.encode_inputs({"text": (inputs, text_mask)})
-        embedding = F.normalize(self.text_proj(latents.mean(dim=1)), dim=-1)
+        embedding = self.pooled_embedding(latents, self.text_proj)
         return PerceiverTextFeatures(tokens=inputs, mask=text_mask, embedding=embedding,
                                      latents=latents)
+
+    @staticmethod
+    def pooled_embedding(latents: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        """The dual-encoder embedding of an encoding: its mean latent, projected, normalised."""
+        return F.normalize(projection(latents.mean(dim=1)), dim=-1)
 
     def joint_latents(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
                       ) -> torch.Tensor:
@@ -455,32 +460,29 @@ class PerceiverVL(VideoLanguageModel):
         video_inputs, video_mask = self.embed.video(video, batch.get("frame_mask"))
         text_inputs = self.embed.text(text_ids, text_mask)
         losses: dict[str, torch.Tensor] = {}
+        video_latents = text_latents = None
         if self.stream == "single":
             context = self.encode_inputs({
                 "video": (video_inputs[source], None if video_mask is None else
                           video_mask[source]),
                 "text": (text_inputs, text_mask)})
-            video_latents = text_latents = None
-            if "vtc" in self.losses:  # the separate encodings behind the re-ranking pre-filter
-                video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
-                text_latents = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
-                                                            text_mask)})
         else:
             video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
-            masked_latents = text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
-            if "vtc" in self.losses and "mlm" in self.losses:
+            text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
+            if self.stream == "mixed":
+                context = self.mixed_context(video_latents[source], text_latents)
+            else:  # multi: MLM reads the text's own latents
+                context = text_latents + self.stream_embed.weight[TEXT]
+        if "vtc" in self.losses:
+            if video_latents is None:  # single: the separate encodings behind its pre-filter
+                video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
+            if text_latents is None or "mlm" in self.losses:
                 # VTC aligns the clean captions that retrieval will encode, not the masked ones
                 text_latents = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
                                                             text_mask)})
-            if self.stream == "mixed":
-                context = self.mixed_context(video_latents[source], masked_latents)
-            else:  # multi: MLM reads the text's own latents
-                context = masked_latents + self.stream_embed.weight[TEXT]
-        if "vtc" in self.losses:
-            losses["vtc"] = vtc_loss(
-                F.normalize(self.video_proj(video_latents.mean(1)), dim=-1),
-                F.normalize(self.text_proj(text_latents.mean(1)), dim=-1),
-                self.temperature, ids=batch.get("index"))
+            losses["vtc"] = vtc_loss(self.pooled_embedding(video_latents, self.video_proj),
+                                     self.pooled_embedding(text_latents, self.text_proj),
+                                     self.temperature, ids=batch.get("index"))
         want_vtm, want_mlm = "vtm" in self.losses, "mlm" in self.losses
         if not (want_vtm or want_mlm):
             return losses
