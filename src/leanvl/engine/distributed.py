@@ -105,8 +105,14 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op without one)."""
+    """Wait for every rank, then leave the process group (no-op without one).
+
+    The barrier keeps a rank from tearing down its gloo/NCCL threads while a peer still has
+    work in flight; a rank that left early once aborted its peer ("terminate called without an
+    active exception") in the 2-process test.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
