@@ -42,13 +42,13 @@ def main() -> None:
     root = Path(args.synth)
     cfg = load_config(args.preset, [f"out={args.out}", f"data.root={root}",
                                     f"data.train={root}/pretrain.jsonl"] + args.overrides)
-    text = build_text_encoder(cfg.data)
     retrieval = build_dataset(root / "retrieval_test.jsonl", str(root), cfg.data, train=False)
     mc = build_dataset(root / "mc_test.jsonl", str(root), cfg.data, train=False, kind="mc")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start, rows = time.time(), []
 
     def evaluate(model) -> dict:
+        text = build_text_encoder(cfg.data, model)  # the model's (maybe truncated) vocabulary
         result = evaluate_retrieval(model, retrieval, text, cfg.eval, device, batch_size=128,
                                     num_workers=4, progress_bar=False)
         out = {k: result[k] for k in KEYS if k in result}

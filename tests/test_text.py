@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +63,35 @@ def test_vocab_truncation_save_load(tmp_path):
     trunc.save(tmp_path / "vocab.json")
     loaded = VocabTruncation.load(tmp_path / "vocab.json", tokenizer.unk_token_id)
     assert torch.equal(loaded.table, trunc.table)
+
+
+def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_path):
+    """data.vocab_keep_fraction < 1: the kept ids travel in config.json, and evaluation maps
+    captions into the released model's vocabulary."""
+    from leanvl.config import SynthConfig, load_config
+    from leanvl.data import synthetic
+    from leanvl.engine.checkpoint import load_pretrained
+    from leanvl.tasks.pretrain import build_text_encoder, run_pretrain
+
+    synth_cfg = SynthConfig(out=str(tmp_path / "synth"), workers=1, frames=8, size=32,
+                            pretrain_clips=8, retrieval_test_clips=2, mc_test_clips=2,
+                            classify_train_clips=10, classify_test_clips=10)
+    synthetic.generate(synth_cfg, progress=False)
+    root = Path(synth_cfg.out)
+    cfg = load_config(None, [
+        f"out={tmp_path / 'run'}", "model.name=umt_tiny", "model.kwargs={mask_type: random}",
+        f"data.root={root}", f"data.train={root / 'pretrain.jsonl'}", "data.num_frames=2",
+        "data.size=32", "data.batch_size=4", "data.num_workers=0",
+        "data.vocab_keep_fraction=0.01", "train.epochs=1", "train.precision=fp32"])
+    run_pretrain(cfg, evaluate=lambda model: {}, progress=False)
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    kept = config["kwargs"]["text_vocab_ids"]
+    assert len(kept) == round(30522 * 0.01)
+    model = load_pretrained(tmp_path / "run" / "model")
+    assert model.text_encoder.config.vocab_size == len(kept) and model.text_vocab_ids == kept
+    text = build_text_encoder(cfg.data, model)
+    caption = json.loads((root / "pretrain.jsonl").read_text().splitlines()[0])["caption"][0]
+    ids = text([caption])["text_ids"][0]
+    plain = build_text_encoder(cfg.data)([caption])["text_ids"][0]
+    assert int(ids.max()) < len(kept) and torch.equal(torch.tensor(kept)[ids], plain)
+    assert ids[0] == model.specials["cls"]

@@ -178,3 +178,23 @@ def test_loading_a_local_bert_folder_reproduces_its_outputs(tmp_path):
         BertTextEncoder.from_pretrained(tmp_path / "bert", fusion_layers=3, text_layers=3)
     with pytest.raises(FileNotFoundError):
         BertTextEncoder.from_pretrained(tmp_path / "missing")
+
+
+def test_keep_tokens_slices_embeddings_and_the_tied_mlm_head(encoder):
+    import copy
+
+    kept = [0, 2, 7, 9, 11, 40, 41, 99, 119]
+    small = copy.deepcopy(encoder)
+    small.keep_tokens(kept)
+    assert small.config.vocab_size == len(kept)
+    assert small.mlm_head.decoder.weight is small.embeddings.word_embeddings.weight
+    assert small.embeddings.word_embeddings.padding_idx == 0  # pad id 0 stayed first
+    original = torch.tensor([[2, 7, 9, 40, 119, 0]])
+    mapped = torch.tensor([[kept.index(int(i)) for i in original[0]]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    full_tokens, small_tokens = encoder(original, mask), small(mapped, mask)
+    assert torch.allclose(full_tokens, small_tokens, atol=1e-6)
+    full_logits = encoder.mlm_logits(full_tokens)[..., kept]
+    assert torch.allclose(small.mlm_logits(small_tokens), full_logits, atol=1e-5)
+    with pytest.raises(ValueError, match="kept token ids"):
+        copy.deepcopy(encoder).keep_tokens([0, 500])

@@ -110,3 +110,19 @@ def test_stage1_file_with_alignment_heads_starts_a_teacherless_stage2(tmp_path):
     assert torch.equal(stage2.video_encoder.blocks[1].attn.qkv.weight,
                        stage1.video_encoder.blocks[1].attn.qkv.weight)
     assert not hasattr(stage2, "uta_heads") and stage2.text_encoder is not None
+
+
+def test_truncated_vocabulary_remaps_specials_and_sizes_the_text_side():
+    from leanvl.nn.text import BERT_SPECIALS
+
+    kept = [0, 100, 101, 102, 103] + list(range(1000, 1095))  # BERT specials, then 95 words
+    model = create_model("umt_tiny", mask_type="random", text_vocab_ids=kept)
+    assert model.text_encoder.config.vocab_size == 100
+    assert model.specials == {name: kept.index(token) for name, token in BERT_SPECIALS.items()}
+    batch = _batch()
+    batch["text_ids"] = torch.randint(5, 100, batch["text_ids"].shape)
+    batch["text_ids"][:, 0], batch["text_ids"][:, -1] = 2, 3  # [CLS], [SEP] in the new ids
+    losses = model.pretrain_losses(batch)
+    assert set(losses) == {"vtc", "vtm", "mlm"} and all(v.isfinite() for v in losses.values())
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        create_model("umt_tiny", mask_type="random", text_vocab_ids=list(range(1000, 1100)))

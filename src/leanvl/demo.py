@@ -79,7 +79,7 @@ def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) 
     from leanvl.tasks.retrieval import evaluate_retrieval
 
     model = load_pretrained(model_dir)
-    text = build_text_encoder(cfg.data)
+    text = build_text_encoder(cfg.data, model)
     data, root = cfg.data, str(synth_root)
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=data.num_workers)
     results: dict[str, Any] = {}

@@ -29,16 +29,21 @@ class ImageTextCLIP(VideoLanguageModel):
     """
 
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], embed_dim: int = 128,
-                 temperature: float = 0.07, text_pretrained: str = ""):
+                 temperature: float = 0.07, text_pretrained: str = "",
+                 text_vocab_ids: list[int] | None = None):
         super().__init__()
         self.visual = CLIPVisionTeacher(**vision, output_dim=embed_dim)
         self.visual.requires_grad_(True)  # a teacher freezes itself; here it is being trained
+        self.text_vocab_ids = [int(i) for i in text_vocab_ids] if text_vocab_ids else None
         if text_pretrained:  # a local BERT folder, or "minilm" (offline)
             self.text_encoder = BertTextEncoder.from_pretrained(
                 text_model_path(text_pretrained), fusion_layers=0,
                 text_layers=text.get("text_layers") if text else None)
+            if self.text_vocab_ids:
+                self.text_encoder.keep_tokens(self.text_vocab_ids)
         else:
-            self.text_encoder = BertTextEncoder(**text, fusion_layers=0)
+            vocab = {"vocab_size": len(self.text_vocab_ids)} if self.text_vocab_ids else {}
+            self.text_encoder = BertTextEncoder(**{**text, **vocab}, fusion_layers=0)
         self.text_proj = nn.Linear(self.text_encoder.hidden_size, embed_dim)
         self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
         self.embed_dim = embed_dim

@@ -23,7 +23,7 @@ from leanvl.masking import random_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
-from leanvl.nn.text import BERT_SPECIALS, BertTextEncoder, mask_tokens
+from leanvl.nn.text import BERT_SPECIALS, BertTextEncoder, mask_tokens, truncated_specials
 from leanvl.nn.vit import VIT_SIZES, AlignmentHead, VideoViT
 
 MASK_TYPES = ("semantic", "random", "tube", "none")
@@ -47,7 +47,8 @@ class UMT(VideoLanguageModel):
                  image_mask_ratio: float = 0.5, mask_type: str = "semantic",
                  mlm_ratio: float = 0.5, temperature: float = 0.07,
                  input_mean: Sequence[float] = CLIP_MEAN, input_std: Sequence[float] = CLIP_STD,
-                 text_pretrained: str = "", special_ids: dict[str, int] | None = None):
+                 text_pretrained: str = "", special_ids: dict[str, int] | None = None,
+                 text_vocab_ids: Sequence[int] | None = None):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -67,7 +68,10 @@ class UMT(VideoLanguageModel):
             self.uta_layers = layers
             self.uta_heads = nn.ModuleList(AlignmentHead(self.video_dim, self.teacher.out_dim)
                                            for _ in range(layers))
-        self.specials = {**BERT_SPECIALS, **(special_ids or {})}
+        self.text_vocab_ids = [int(i) for i in text_vocab_ids] if text_vocab_ids else None
+        given = dict(special_ids or {})
+        self.specials = given if set(given) >= set(BERT_SPECIALS) else \
+            {**truncated_specials(self.text_vocab_ids), **given}
         self.text_encoder: BertTextEncoder | None = None
         if stage == 2:
             text = dict(text or {})
@@ -77,7 +81,11 @@ class UMT(VideoLanguageModel):
                     text_model_path(text_pretrained), fusion_layers=fusion,
                     text_layers=text.pop("text_layers", None), video_dim=self.video_dim,
                     mlm_head=True)
+                if self.text_vocab_ids:
+                    self.text_encoder.keep_tokens(self.text_vocab_ids)
             else:
+                if self.text_vocab_ids:
+                    text["vocab_size"] = len(self.text_vocab_ids)
                 self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim, mlm_head=True)
             hidden = self.text_encoder.hidden_size
             self.vision_proj = nn.Linear(self.video_dim, embed_dim)

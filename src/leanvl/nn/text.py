@@ -29,6 +29,18 @@ log = logging.getLogger(__name__)
 #: BERT-uncased special token ids (override for other tokenizers / truncated vocabularies)
 BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 
+def truncated_specials(kept_ids: Sequence[int] | None) -> dict[str, int]:
+    """BERT-uncased special ids in a vocabulary truncated to ``kept_ids`` (original ids in
+    their new order); the plain ids without truncation."""
+    if not kept_ids:
+        return dict(BERT_SPECIALS)
+    position = {int(token): i for i, token in enumerate(kept_ids)}
+    missing = [name for name, token in BERT_SPECIALS.items() if token not in position]
+    if missing:
+        raise ValueError(f"the truncated vocabulary lacks the special tokens {missing}")
+    return {name: position[token] for name, token in BERT_SPECIALS.items()}
+
+
 # Attention implementations that take an additive float mask (flash-attention does not).
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 
@@ -178,6 +190,26 @@ class BertTextEncoder(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"MLM head from {folder}: missing {missing}, "
                                f"unexpected {unexpected}")
+
+    def keep_tokens(self, token_ids: Sequence[int]) -> None:
+        """Truncate the vocabulary to ``token_ids`` (E-ViLM): row i of the new word embeddings
+        (and of the tied MLM decoder and its bias) is row ``token_ids[i]`` of the old ones."""
+        index = torch.as_tensor(list(token_ids), dtype=torch.long)
+        old = self.embeddings.word_embeddings
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= old.num_embeddings:
+            raise ValueError(f"kept token ids must lie in [0, {old.num_embeddings}); got "
+                             f"{index.numel()} ids")
+        kept = index.tolist()
+        padding = kept.index(old.padding_idx) if old.padding_idx in kept else None
+        new = nn.Embedding(len(index), old.embedding_dim, padding_idx=padding)
+        new.weight.data.copy_(old.weight.data[index])
+        self.embeddings.word_embeddings = new
+        self.config.vocab_size = len(index)
+        if self.mlm_head is not None:
+            bias = self.mlm_head.bias.data[index].clone()
+            self.mlm_head.decoder = nn.Linear(old.embedding_dim, len(index), bias=False)
+            self.mlm_head.decoder.weight = new.weight  # still tied
+            self.mlm_head.bias = nn.Parameter(bias)
 
     @property
     def hidden_size(self) -> int:

@@ -29,6 +29,7 @@ from leanvl.tasks.pretrain import (
     build_train_loader,
     configure_threads,
     run_pretrain,
+    truncate_vocabulary,
 )
 
 TASKS = ("retrieval", "qa", "mc", "classify")
@@ -91,27 +92,29 @@ def _evaluator(cfg: Any, task: str, labels: list | None, device, progress: bool 
     """``evaluate(model) -> metrics`` on ``data.test`` for ``task`` (None without test data)."""
     if not cfg.data.test:
         return None
-    text = build_text_encoder(cfg.data)
+    def text(model):  # the model's own vocabulary (a truncated one maps ids differently)
+        return build_text_encoder(cfg.data, model)
+
     data, root = cfg.data, cfg.data.root or None
     loader_args = dict(batch_size=cfg.eval.batch_size, num_workers=data.num_workers)
     if task == "retrieval":
         from leanvl.tasks.retrieval import evaluate_retrieval
 
         dataset = build_dataset(data.test, root, data, train=False, kind="retrieval")
-        return lambda m: evaluate_retrieval(m, dataset, text, cfg.eval, device,
+        return lambda m: evaluate_retrieval(m, dataset, text(m), cfg.eval, device,
                                             progress_bar=progress, **loader_args)
     if task == "mc":
         from leanvl.tasks.mc import evaluate_mc
 
         dataset = build_dataset(data.test, root, data, train=False, kind="mc")
-        return lambda m: evaluate_mc(m, dataset, text, cfg.eval, device, progress_bar=progress,
-                                     **loader_args)
+        return lambda m: evaluate_mc(m, dataset, text(m), cfg.eval, device,
+                                     progress_bar=progress, **loader_args)
     if task == "qa":
         from leanvl.tasks.qa import evaluate_qa
 
         dataset = build_dataset(data.test, root, data, train=False, kind="qa", answers=labels)
         # a fine-tuned answer head classifies; a pre-trained model ranks the answer list
-        return lambda m: evaluate_qa(m, dataset, text, cfg.eval, device, answers=labels,
+        return lambda m: evaluate_qa(m, dataset, text(m), cfg.eval, device, answers=labels,
                                      mode="classify" if hasattr(m, "qa_logits") else "rank",
                                      progress_bar=progress, **loader_args)
     from leanvl.tasks.classify import evaluate_classification
@@ -137,9 +140,9 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
     setup_logging(info.rank, cfg.out)
     configure_threads(cfg.data.num_workers)
     labels = task_labels(cfg, task)
-    base = build_model(cfg.model)
-    model = wrap(base, task, labels)
     text = build_text_encoder(cfg.data)
+    base = build_model(cfg.model, truncate_vocabulary(cfg, text))
+    model = wrap(base, task, labels)
     kind = "qa" if task == "qa" else "classification"
     extra = {"answers": labels} if task == "qa" else {"classes": labels}
     loader = build_train_loader(cfg, text, kind=kind, **extra)

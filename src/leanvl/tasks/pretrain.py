@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from leanvl.data.datasets import Collator, MixedLoader, build_dataset, make_loader
-from leanvl.data.text import TextEncoder
+from leanvl.data.text import TextEncoder, VocabTruncation
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,63 @@ def configure_threads(num_workers: int) -> None:
     torch.set_num_threads(max(1, cores - max(0, num_workers)))
 
 
-def build_text_encoder(data_cfg: Any) -> TextEncoder:
-    """The tokenizer of ``data.tokenizer`` padded to ``data.max_text_len``."""
-    return TextEncoder(data_cfg.tokenizer, data_cfg.max_text_len)
+def build_text_encoder(data_cfg: Any, model: nn.Module | None = None) -> TextEncoder:
+    """The tokenizer of ``data.tokenizer`` padded to ``data.max_text_len``; for a ``model``
+    with a truncated vocabulary (``text_vocab_ids``) token ids are mapped into it."""
+    text = TextEncoder(data_cfg.tokenizer, data_cfg.max_text_len)
+    modules = model.modules() if model is not None else ()  # task wrappers, DDP: look inside
+    kept = next((m.text_vocab_ids for m in modules if getattr(m, "text_vocab_ids", None)), None)
+    if kept:
+        text.truncation = VocabTruncation(kept, len(text.tokenizer), text.tokenizer.unk_token_id)
+    return text
 
 
-def build_model(model_cfg: Any) -> nn.Module:
-    """``create_model(model.name, **model.kwargs)``, then ``model.pretrained`` weights if set.
+def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
+    """E-ViLM's vocabulary truncation, as model kwargs (empty when off); sets ``text``'s mapping.
+
+    With ``data.vocab_keep_fraction`` < 1 the most frequent tokens of the training captions are
+    kept (specials always). Weights that already have a truncated vocabulary keep theirs:
+    ``text_vocab_ids`` in ``model.kwargs`` or in the ``config.json`` of ``model.pretrained``.
+    Returns {text_vocab_ids, special_ids}, which the model stores in its released config.
+    """
+    from leanvl.engine.checkpoint import to_plain
+
+    kept = to_plain(cfg.model.kwargs).get("text_vocab_ids") or _released_vocabulary(
+        cfg.model.pretrained)
+    if not kept:
+        fraction = float(cfg.data.vocab_keep_fraction)
+        if fraction >= 1:
+            return {}
+        dataset = build_dataset(cfg.data.train, cfg.data.root or None, cfg.data, train=False)
+        if not hasattr(dataset, "texts"):
+            raise ValueError("data.vocab_keep_fraction < 1 counts words in the training "
+                             f"captions, which needs an annotation file; {cfg.data.train} is not "
+                             "one")
+        kept = VocabTruncation.fit(dataset.texts()[0], text.tokenizer, fraction).kept_ids
+        log.info("vocabulary truncated to %d of %d tokens (data.vocab_keep_fraction=%g)",
+                 len(kept), len(text.tokenizer), fraction)
+    text.truncation = VocabTruncation(kept, len(text.tokenizer), text.tokenizer.unk_token_id)
+    special = {name: text.special_id(name) for name in ("pad", "unk", "cls", "sep", "mask")}
+    return {"text_vocab_ids": list(kept), "special_ids": special}
+
+
+def _released_vocabulary(pretrained: str) -> list[int] | None:
+    """``text_vocab_ids`` of released weights at ``pretrained`` (None if absent)."""
+    import json
+
+    from leanvl.engine.checkpoint import CONFIG_NAME
+
+    if not pretrained:
+        return None
+    config = Path(pretrained) / CONFIG_NAME
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("kwargs", {}).get("text_vocab_ids")
+
+
+def build_model(model_cfg: Any, extra_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``create_model(model.name, **model.kwargs, **extra_kwargs)``, then ``model.pretrained``
+    weights if set.
 
     Weights from another stage may lack whole top-level modules (a stage-1 model has no text
     side): those start from scratch and are logged; a module that is present must load fully.
@@ -50,7 +100,14 @@ def build_model(model_cfg: Any) -> nn.Module:
     kwargs = model_cfg.kwargs
     if not isinstance(kwargs, dict):
         kwargs = OmegaConf.to_container(kwargs, resolve=True)
-    model = create_model(model_cfg.name, **kwargs)
+    kwargs = {**kwargs, **(extra_kwargs or {})}
+    try:
+        model = create_model(model_cfg.name, **kwargs)
+    except TypeError as error:
+        if "text_vocab_ids" in str(error):
+            raise ValueError(f"model {model_cfg.name} does not support a truncated vocabulary "
+                             "(data.vocab_keep_fraction < 1)") from None
+        raise
     if model_cfg.pretrained:
         path = Path(model_cfg.pretrained)
         if not path.exists():
@@ -161,7 +218,7 @@ def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, An
     setup_logging(info.rank, cfg.out)
     configure_threads(cfg.data.num_workers)
     text = build_text_encoder(cfg.data)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, truncate_vocabulary(cfg, text))
     loader = build_train_loader(cfg, text)
     if evaluate is None:
         evaluate = retrieval_callback(cfg, text, info.device)
