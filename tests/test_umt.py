@@ -126,3 +126,14 @@ def test_truncated_vocabulary_remaps_specials_and_sizes_the_text_side():
     assert set(losses) == {"vtc", "vtm", "mlm"} and all(v.isfinite() for v in losses.values())
     with pytest.raises(ValueError, match="lacks the special tokens"):
         create_model("umt_tiny", mask_type="random", text_vocab_ids=list(range(1000, 1100)))
+
+
+def test_match_scores_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = create_model("umt_tiny", mask_type="random").eval()
+    batch = _batch()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        video = model.encode_video(batch["video"])
+        text = model.encode_text(batch["text_ids"], batch["text_mask"])
+        scores = model.match(video, text)
+    assert scores.dtype == torch.float32

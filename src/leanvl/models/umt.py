@@ -127,8 +127,11 @@ class UMT(VideoLanguageModel):
         return self._require_text().fuse(text.tokens, text.mask, video.tokens, video.mask)[:, 0]
 
     def match(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
-        """VTM log-odds of each row-aligned (video, text) pair: B."""
-        return self.itm_head(self.fused_cls(video, text)).squeeze(-1)
+        """VTM log-odds of each row-aligned (video, text) pair: B, in float32 (under bf16
+        autocast, nearby scores of multiple-choice options would tie)."""
+        fused = self.fused_cls(video, text)
+        with torch.autocast(fused.device.type, enabled=False):
+            return self.itm_head(fused.float()).squeeze(-1)
 
     # ---- pre-training ---------------------------------------------------------------------
     def make_mask(self, video: torch.Tensor, attention: torch.Tensor | None,
