@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _report import table, update_section  # noqa: E402
 
+from leanvl.engine.precision import native_bf16_flags  # noqa: E402
 from leanvl.profile import profile_model  # noqa: E402
 
 TEACHER = ["teacher=tiny", "teacher_kwargs.image_size=96", "uta_layers=2"]
@@ -36,15 +37,6 @@ RUNS = [
     ("UMT-tiny stage 2 with MiniLM (2 text + 1 fusion layers)", "umt_tiny", 4,
      ["stage=2", "video_mask_ratio=0.5", "mlm_ratio=0.15", *TEACHER, *MINILM]),
 ]
-
-
-def bf16_flags() -> str:
-    """The CPU's native bf16 flags (amx_bf16, avx512_bf16) from /proc/cpuinfo, or 'none'."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
 
 
 def main() -> None:
@@ -71,7 +63,7 @@ def main() -> None:
         row.append(f"{float(row[1]) / float(row[3]):.2f}x")
         rows.append(row)
     body = (f"Seconds per training step of {args.batch} clips (96x96, 40-token captions), "
-            f"random weights; native bf16 flags of this CPU: {bf16_flags()}. The last column "
+            f"random weights; native bf16 flags of this CPU: {', '.join(native_bf16_flags()) or 'none'}. The last column "
             "is the one-thread speed-up of bf16 autocast over fp32.\n\n"
             + table(["model", "fp32, 1 thread", "fp32, 2 threads", "bf16, 1 thread",
                      "bf16, 2 threads", "bf16 speed-up"], rows))

@@ -36,14 +36,25 @@ log = logging.getLogger(__name__)
 QUICK_SYNTH = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200",
                "classify_train_clips=200", "classify_test_clips=100"]
 QUICK_TRAIN = {"teacher": ["train.epochs=3"], "stage1": ["train.epochs=1"],
-               "stage2": ["train.epochs=4"], "perceiver_vl": ["train.epochs=4"]}
+               "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"]}
 METHODS = ("umt", "perceiver_vl")
 
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
     overrides = [f"out={out}", f"data.root={synth_root}",
-                 f"data.train={synth_root / 'pretrain.jsonl'}"] + extra
+                 f"data.train={synth_root / 'pretrain.jsonl'}"] + _cpu_precision() + extra
     return load_config(preset, overrides)
+
+
+def _cpu_precision() -> list[str]:
+    """bf16 autocast on a CPU with native bf16 units (1.2-1.8x faster steps for the demo's
+    models, docs/benchmarks.md); elsewhere the engine's default."""
+    import torch
+
+    from leanvl.engine.precision import native_bf16_flags
+
+    return ["train.precision=bf16"] if not torch.cuda.is_available() and native_bf16_flags() \
+        else []
 
 
 def _done(cfg) -> bool:
@@ -71,18 +82,26 @@ def _train_stage(name: str, cfg, timings: dict[str, float], progress: bool = Tru
 
 def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) -> dict[str, Any]:
     """Zero-shot retrieval, multiple choice and QA of released weights on the benchmark."""
-    from leanvl.data.datasets import build_dataset
     from leanvl.engine.checkpoint import load_pretrained
-    from leanvl.tasks.mc import evaluate_mc
+    from leanvl.engine.precision import autocast
     from leanvl.tasks.pretrain import build_text_encoder
-    from leanvl.tasks.qa import evaluate_qa
-    from leanvl.tasks.retrieval import evaluate_retrieval
 
     model = load_pretrained(model_dir)
     text = build_text_encoder(cfg.data, model)
+    results: dict[str, Any] = {}
+    with autocast(cfg.train.precision, "cpu"):  # the stages' precision (bf16 on such CPUs)
+        _evaluate(results, model, text, cfg, synth_root, progress)
+    return results
+
+
+def _evaluate(results: dict[str, Any], model, text, cfg, synth_root: Path, progress: bool) -> None:
+    from leanvl.data.datasets import build_dataset
+    from leanvl.tasks.mc import evaluate_mc
+    from leanvl.tasks.qa import evaluate_qa
+    from leanvl.tasks.retrieval import evaluate_retrieval
+
     data, root = cfg.data, str(synth_root)
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=data.num_workers)
-    results: dict[str, Any] = {}
     retrieval_set = build_dataset(synth_root / "retrieval_test.jsonl", root, data, train=False)
     results["retrieval"] = evaluate_retrieval(model, retrieval_set, text, cfg.eval, "cpu",
                                               progress_bar=progress, return_scores=True,
@@ -97,7 +116,6 @@ def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) 
                            answers=answers)
     results["qa"] = evaluate_qa(model, qa_set, text, cfg.eval, "cpu", answers=answers,
                                 mode="rank", progress_bar=progress, **kwargs)
-    return results
 
 
 def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:

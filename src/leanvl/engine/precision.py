@@ -8,11 +8,22 @@ demo's models 1.2-1.8x faster per step (docs/benchmarks.md, "Demo models: CPU st
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16_flags() -> list[str]:
+    """The CPU's native bf16 features (``amx_bf16``, ``avx512_bf16``) from /proc/cpuinfo;
+    empty where there are none or the file is absent (not Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
