@@ -11,7 +11,8 @@ runs the real training loop instead.
 
 Evaluation after the steps named by ``--evals``: dual-encoder t2v R@1 / R@10 on the 1,000-clip
 retrieval split, and for models with a cross-encoder the MC accuracy on temporal and static items
-scored by VTM alone, by the dual encoder alone, and by 0.7 VTM + 0.3 VTC. Recipes are the
+scored as ``leanvl eval mc`` scores them (``option_scores``): by VTM alone, by the dual encoder
+alone, and by 0.7 VTM + 0.3 VTC. Recipes are the
 ``RECIPES`` below; several can run side by side on one GPU as separate processes.
 """
 
@@ -35,7 +36,9 @@ from leanvl.data.annotations import captions_of  # noqa: E402
 from leanvl.data.text import TextEncoder  # noqa: E402
 from leanvl.data.video import read_all_frames, sample_frame_indices  # noqa: E402
 from leanvl.engine.optim import cosine_lr, param_groups  # noqa: E402
+from leanvl.metrics import rank_summary, text_to_video_ranks  # noqa: E402
 from leanvl.models.registry import create_model  # noqa: E402
+from leanvl.tasks.mc import option_scores  # noqa: E402
 
 MINILM = {"text_pretrained": "minilm", "text": {"text_layers": 2, "fusion_layers": 1},
           "mlm_ratio": 0.15}
@@ -132,10 +135,9 @@ def evaluate(model, data: InMemorySplits, chunk: int = 200) -> dict[str, float]:
         texts = torch.cat([model.encode_text(data.test_ids[i:i + chunk],
                                              data.test_mask[i:i + chunk]).embedding.float()
                            for i in range(0, len(data.test), chunk)])
-    similarity = texts @ videos.t()
-    rank = (similarity > similarity.diag()[:, None]).sum(dim=1)
-    out = {"R@1": (rank < 1).float().mean().item() * 100,
-           "R@10": (rank < 10).float().mean().item() * 100}
+    ranks = text_to_video_ranks(texts @ videos.t(), torch.arange(len(texts)))
+    summary = rank_summary(ranks, ks=(1, 10))
+    out = {"R@1": summary["R@1"], "R@10": summary["R@10"]}
     if getattr(model, "needs_rerank", True) and type(model).__name__ != "ImageTextCLIP":
         k, vtm, dual = data.options, [], []
         with torch.autocast(device_type, torch.bfloat16, enabled=device_type == "cuda"):
@@ -144,11 +146,9 @@ def evaluate(model, data: InMemorySplits, chunk: int = 200) -> dict[str, float]:
                 n = video.embedding.shape[0]
                 text = model.encode_text(data.mc_ids[i * k:(i + n) * k],
                                          data.mc_mask[i * k:(i + n) * k])
-                owner = torch.arange(n, device=data.device).repeat_interleave(k)
-                vtm.append(model.match(video.index(owner), text).float().view(n, k).sigmoid())
-                scores = (text.embedding.float().view(n, k, -1)
-                          * video.embedding.float()[:, None]).sum(-1)
-                dual.append((scores / model.temperature.float()).softmax(dim=1))
+                # the library's MC scores: weight 1 is VTM alone, 0 the dual encoder alone
+                vtm.append(option_scores(model, video, text, k, vtm_weight=1.0))
+                dual.append(option_scores(model, video, text, k, vtm_weight=0.0))
         vtm, dual = torch.cat(vtm), torch.cat(dual)
         for name, scores in (("VTM", vtm), ("dual", dual), ("mix", 0.7 * vtm + 0.3 * dual)):
             right = (scores.argmax(dim=1) == data.mc_answer).float()

@@ -88,13 +88,11 @@ def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) 
 
     model = load_pretrained(model_dir)
     text = build_text_encoder(cfg.data, model)
-    results: dict[str, Any] = {}
     with autocast(cfg.train.precision, "cpu"):  # the stages' precision (bf16 on such CPUs)
-        _evaluate(results, model, text, cfg, synth_root, progress)
-    return results
+        return _evaluate(model, text, cfg, synth_root, progress)
 
 
-def _evaluate(results: dict[str, Any], model, text, cfg, synth_root: Path, progress: bool) -> None:
+def _evaluate(model, text, cfg, synth_root: Path, progress: bool) -> dict[str, Any]:
     from leanvl.data.datasets import build_dataset
     from leanvl.tasks.mc import evaluate_mc
     from leanvl.tasks.qa import evaluate_qa
@@ -102,6 +100,7 @@ def _evaluate(results: dict[str, Any], model, text, cfg, synth_root: Path, progr
 
     data, root = cfg.data, str(synth_root)
     kwargs = dict(batch_size=cfg.eval.batch_size, num_workers=data.num_workers)
+    results: dict[str, Any] = {}
     retrieval_set = build_dataset(synth_root / "retrieval_test.jsonl", root, data, train=False)
     results["retrieval"] = evaluate_retrieval(model, retrieval_set, text, cfg.eval, "cpu",
                                               progress_bar=progress, return_scores=True,
@@ -116,6 +115,7 @@ def _evaluate(results: dict[str, Any], model, text, cfg, synth_root: Path, progr
                            answers=answers)
     results["qa"] = evaluate_qa(model, qa_set, text, cfg.eval, "cpu", answers=answers,
                                 mode="rank", progress_bar=progress, **kwargs)
+    return results
 
 
 def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 #: BERT-uncased special token ids (override for other tokenizers / truncated vocabularies)
 BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 
+
 def truncated_specials(kept_ids: Sequence[int] | None) -> dict[str, int]:
     """BERT-uncased special ids in a vocabulary truncated to ``kept_ids`` (original ids in
     their new order); the plain ids without truncation."""
