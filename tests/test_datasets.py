@@ -9,6 +9,7 @@ from leanvl.data.datasets import (
     ClassificationDataset,
     Collator,
     ImageTextDataset,
+    LengthGroupedBatchSampler,
     MixedLoader,
     MultipleChoiceDataset,
     TooManyBadSamples,
@@ -152,3 +153,51 @@ def test_build_dataset_from_config(clip_folder):
     dataset = build_dataset(anno, str(root), cfg, train=False)
     assert isinstance(dataset, VideoTextDataset) and dataset[0]["video"].shape == (2, 3, 32, 32)
     np.testing.assert_equal(dataset.reader.sampling, "uniform")
+
+
+def _grouped_epoch(lengths, batch_size, epoch, **kwargs):
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=3, **kwargs)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_length_grouped_batches_cover_the_data_once_with_alike_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=203).astype(float)
+    batches = _grouped_epoch(lengths, 8, epoch=0, group=4)
+    assert len(batches) == 203 // 8 == len(LengthGroupedBatchSampler(lengths, 8))
+    flat = [i for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 25 * 8  # every record at most once, 3 dropped
+    assert all(len(b) == 8 for b in batches)
+    # each batch spans a small part of the length range; random batches span most of it
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    random_spread = np.mean([np.ptp(lengths[rng.permutation(203)[:8]]) for _ in range(200)])
+    assert spread < 0.4 * random_spread
+    # the order is a function of (seed, epoch): same epoch, same batches; next epoch, new ones
+    assert batches == _grouped_epoch(lengths, 8, epoch=0, group=4)
+    assert batches != _grouped_epoch(lengths, 8, epoch=1, group=4)
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
+        LengthGroupedBatchSampler(lengths[:5], 8)
+
+
+def test_length_grouped_batches_split_global_batches_across_ranks():
+    lengths = np.arange(100, dtype=float)[::-1]
+    single = _grouped_epoch(lengths, 8, epoch=2)
+    ranks = [_grouped_epoch(lengths, 4, epoch=2, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for whole, first, second in zip(single, *ranks):
+        assert first + second == whole  # rank r holds the r-th half of the global batch
+
+
+def test_group_by_length_loader_and_text_lengths(clip_folder, text):
+    root, anno = clip_folder
+    videos = VideoTextDataset(anno, root, **SMALL)
+    assert videos.text_lengths() == [2.5] * 6  # mean of 'clip number 0' and 'video 0'
+    loader = make_loader(videos, 2, Collator(text), train=True, group_by_length=True)
+    assert isinstance(loader.batch_sampler, LengthGroupedBatchSampler) and len(loader) == 3
+    assert sorted(i for b in loader for i in b["index"].tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="training loaders"):
+        make_loader(videos, 2, Collator(text), train=False, group_by_length=True)
+    labels = ClassificationDataset([{"video": "clip0.mp4", "label": "a"}] * 2, root, **SMALL)
+    with pytest.raises(ValueError, match="no text to group batches by"):
+        make_loader(labels, 2, Collator(text), train=True, group_by_length=True)

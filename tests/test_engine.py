@@ -115,6 +115,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert (run / "config.yaml").is_file()
 
 
+class LengthToy(ToyDataset):
+    """A ToyDataset whose items have text lengths (for length-grouped batches)."""
+
+    def text_lengths(self) -> list[float]:
+        return [float(i % 5) for i in range(len(self))]
+
+
 def test_resumable_batches_skip_matches_full_epoch():
     dataset = ToyDataset(n=12)
     images = ToyDataset(n=6, seed=1)
@@ -125,7 +132,8 @@ def test_resumable_batches_skip_matches_full_epoch():
                         ratios={"video": 1, "image": 1}, seed=2)
     # a worker process: DataLoader iterators call iter(sampler) twice while starting up
     worker_loader = make_loader(dataset, 2, collate, train=True, seed=5, num_workers=1)
-    for loader in (video_loader, mixed, worker_loader):
+    grouped = make_loader(LengthToy(n=12), 2, collate, train=True, seed=5, group_by_length=True)
+    for loader in (video_loader, mixed, worker_loader, grouped):
         batches = ResumableBatches(loader, seed=0)
         for epoch in (0, 1):
             full = [(b.get("source"), b["index"].tolist()) for b in batches.epoch(epoch)]

@@ -565,3 +565,20 @@ def test_models_whose_similarity_is_final_are_not_reranked():
     result = evaluate_retrieval(model, dataset, text, EvalConfig(rerank_k=2), progress_bar=False)
     assert model.calls == [] and not any(k.startswith("rerank/") for k in result)
     assert "rerank_skipped" in result
+
+
+def test_configure_threads_honours_data_cpu_threads(monkeypatch):
+    from leanvl.tasks.pretrain import configure_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    try:
+        configure_threads(num_workers=1)
+        assert torch.get_num_threads() == 3  # automatic: one core left per loader worker
+        configure_threads(num_workers=1, threads=2)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="data.cpu_threads"):
+            configure_threads(num_workers=1, threads=-1)
+    finally:
+        torch.set_num_threads(before)

@@ -78,6 +78,8 @@ class DataConfig:
     vocab_keep_fraction: float = 1.0  # E-ViLM keeps the most frequent 30% of words
     batch_size: int = 8
     num_workers: int = 2
+    cpu_threads: int = 0  # torch threads on a CPU run; 0: the cores left beside the workers
+    group_by_length: bool = False  # training batches of similar text length (less padding)
     max_bad_fraction: float = 0.01
     shard_shuffle: int = 1000
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from leanvl.data.annotations import captions_of, load_annotations, media_path
 from leanvl.data.text import TextEncoder
@@ -121,6 +121,21 @@ class ClipDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def text_lengths(self) -> list[float]:
+        """Words of text per record (the mean over a record's captions; a QA record's
+        question; a multiple-choice record's longest option), for length-grouped batches."""
+        def words(text: str) -> int:
+            return len(str(text).split())
+
+        if self.kind in ("retrieval", "image"):
+            return [float(np.mean([words(c) for c in captions_of(r)])) for r in self.records]
+        if self.kind == "qa":
+            return [float(words(r["question"])) for r in self.records]
+        if self.kind == "mc":
+            return [float(max(words(c) for c in r["caption"])) for r in self.records]
+        raise ValueError(f"{self.source}: {self.kind} records have no text to group batches by; "
+                         "set data.group_by_length=false")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -325,13 +340,73 @@ class MixedLoader:
             yield batch
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Training batches of records with similar text length, so the text encoder pads less.
+
+    Each epoch, a permutation keyed on (seed, epoch) is cut into groups of ``group`` global
+    batches; each group is sorted by length and split into batches, and the batches are
+    shuffled. The order is random but a batch's texts are alike in length: on the synthetic
+    benchmark the longest caption of a batch of 64 falls from ~52 to ~37 tokens (mean 31), and
+    the text side's cost with it. A global batch is ``batch_size * world_size`` records and rank
+    ``r`` takes its ``r``-th slice, so DDP ranks stay length-matched; incomplete batches are
+    dropped. Batches also gather captions of similar scenes (length follows the number of
+    objects), which makes in-batch negatives harder than random ones.
+    """
+
+    def __init__(self, lengths: Sequence[float], batch_size: int, seed: int = 0,
+                 group: int = 16, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or group < 1:
+            raise ValueError(f"batch_size and group must be >= 1, got {batch_size}, {group}")
+        self.lengths = np.asarray(lengths, dtype=np.float64)
+        self.batch_size, self.seed, self.group = batch_size, seed, group
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        if len(self.lengths) < batch_size * world_size:
+            raise ValueError(f"{len(self.lengths)} records cannot fill one global batch of "
+                             f"{batch_size} x {world_size} ranks")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a new order for ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, 4409])
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.world_size
+        batches = []
+        for start in range(0, len(self) * size, self.group * size):
+            chunk = order[start:start + self.group * size]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + size] for i in range(0, len(chunk) - size + 1, size)]
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for b in rng.permutation(len(batches)):
+            yield [int(i) for i in batches[b][mine]]
+
+
 def make_loader(dataset: Dataset, batch_size: int, collate: Collator, train: bool,
-                num_workers: int = 0, seed: int = 0, drop_last: bool | None = None) -> DataLoader:
-    """A DataLoader with a DistributedSampler when torch.distributed is initialised."""
+                num_workers: int = 0, seed: int = 0, drop_last: bool | None = None,
+                group_by_length: bool = False) -> DataLoader:
+    """A DataLoader with a DistributedSampler when torch.distributed is initialised, or with a
+    :class:`LengthGroupedBatchSampler` (training, ``group_by_length``)."""
     import torch.distributed as dist
 
     sampler = None
     iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if group_by_length:
+        if not train:
+            raise ValueError("group_by_length is for training loaders")
+        if iterable or not hasattr(dataset, "text_lengths"):
+            raise ValueError("data.group_by_length needs an annotation file (map-style "
+                             "dataset), not WebDataset shards; set data.group_by_length=false")
+        rank, world = (dist.get_rank(), dist.get_world_size()) \
+            if dist.is_available() and dist.is_initialized() else (0, 1)
+        batches = LengthGroupedBatchSampler(dataset.text_lengths(), batch_size, seed,
+                                            rank=rank, world_size=world)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                          num_workers=num_workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())
     if not iterable and dist.is_available() and dist.is_initialized():
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=train, seed=seed,
                                                       drop_last=train)

@@ -113,7 +113,7 @@ class _Child:
         """Epoch-keyed order: set_epoch on sampler/dataset, generator re-seeded."""
         sampler = getattr(self.loader, "sampler", None)
         batch_sampler = getattr(self.loader, "batch_sampler", None)
-        _set_epoch([self.loader, sampler, getattr(batch_sampler, "sampler", None),
+        _set_epoch([self.loader, sampler, batch_sampler, getattr(batch_sampler, "sampler", None),
                     getattr(self.loader, "dataset", None)], epoch)
         if self.generator is not None:
             self.generator.manual_seed(self.base_seed + epoch)

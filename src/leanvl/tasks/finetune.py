@@ -138,7 +138,7 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
     if task in ("retrieval", "mc"):
         return run_pretrain(cfg, evaluate=_evaluator(cfg, task, None, info.device))
     setup_logging(info.rank, cfg.out)
-    configure_threads(cfg.data.num_workers)
+    configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     labels = task_labels(cfg, task)
     text = build_text_encoder(cfg.data)
     base = build_model(cfg.model, truncate_vocabulary(cfg, text))
@@ -167,7 +167,7 @@ def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if not cfg.data.test:
         raise ValueError("data.test is not set: give the test annotation file")
-    configure_threads(cfg.data.num_workers)
+    configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     pretrained = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if pretrained is not None and (pretrained / "config.json").is_file():
         from leanvl.engine.checkpoint import to_plain

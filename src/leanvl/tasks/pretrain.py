@@ -20,13 +20,18 @@ from leanvl.data.text import TextEncoder, VocabTruncation
 log = logging.getLogger(__name__)
 
 
-def configure_threads(num_workers: int) -> None:
-    """On CPU, leave one core per DataLoader worker: oversubscribed OpenMP threads spin-wait
-    and make small matmuls far slower than a single thread would."""
+def configure_threads(num_workers: int, threads: int = 0) -> None:
+    """torch's CPU threads: ``threads`` when > 0, else one core left per DataLoader worker
+    (oversubscribed OpenMP threads spin-wait and make small matmuls far slower than a single
+    thread would). Give ``threads`` (``data.cpu_threads``) when the workers are mostly idle,
+    as with small clips: the demo's 96-pixel clips decode in ~6 ms, so one worker beside two
+    torch threads beats one beside one (docs/training.md)."""
     if torch.cuda.is_available():
         return
+    if threads < 0:
+        raise ValueError(f"data.cpu_threads must be >= 0 (0: automatic), got {threads}")
     cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores - max(0, num_workers)))
+    torch.set_num_threads(threads or max(1, cores - max(0, num_workers)))
 
 
 def build_text_encoder(data_cfg: Any, model: nn.Module | None = None) -> TextEncoder:
@@ -160,13 +165,15 @@ def build_train_loader(cfg: Any, text: TextEncoder, kind: str | None = None, **d
     video = build_dataset(data.train, data.root or None, data, train=True, kind=kind,
                           seed=cfg.seed, **dataset_kwargs)
     loader = make_loader(video, data.batch_size, collate, train=True,
-                         num_workers=data.num_workers, seed=cfg.seed)
+                         num_workers=data.num_workers, seed=cfg.seed,
+                         group_by_length=data.group_by_length)
     if not data.image_train:
         return loader
     images = build_dataset(data.image_train, data.root or None, data, train=True, kind="image",
                            seed=cfg.seed)
     image_loader = make_loader(images, data.batch_size, collate, train=True,
-                               num_workers=data.num_workers, seed=cfg.seed)
+                               num_workers=data.num_workers, seed=cfg.seed,
+                               group_by_length=data.group_by_length)
     ratios = None
     if data.image_ratio > 0:
         ratios = {"video": 1 - data.image_ratio, "image": data.image_ratio}
@@ -216,7 +223,7 @@ def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, An
 
     info = distributed.init_distributed(cfg.train.distributed_backend)
     setup_logging(info.rank, cfg.out)
-    configure_threads(cfg.data.num_workers)
+    configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     text = build_text_encoder(cfg.data)
     model = build_model(cfg.model, truncate_vocabulary(cfg, text))
     loader = build_train_loader(cfg, text)
