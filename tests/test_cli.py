@@ -40,3 +40,28 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "did you mean 'synth.pretrain_clips'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["data", "frobnicate"])
+
+
+def test_eval_probe_trains_a_linear_probe_on_frozen_features(tmp_path, capsys):
+    """`leanvl eval probe`: E-ViLM's linear probe of a frozen backbone from the command line."""
+    import json
+
+    from leanvl.data.annotations import write_annotations
+    from leanvl.data.video import write_video
+    from tests.conftest import ramp_frames
+
+    records = []
+    for i in range(8):  # two classes of clips that differ in brightness
+        write_video(tmp_path / f"c{i}.mp4", ramp_frames(offset=0 if i % 2 else 90), fps=8)
+        records.append({"video": f"c{i}.mp4", "label": "dark" if i % 2 else "bright"})
+    train = write_annotations(records[:6], tmp_path / "train.jsonl")
+    test = write_annotations(records[6:], tmp_path / "test.jsonl")
+    common = ["model.name=umt_tiny", "model.kwargs={stage: 1}", f"data.root={tmp_path}",
+              "data.num_frames=2", "data.size=32", "data.num_workers=0", "eval.probe_epochs=30"]
+    assert main(["eval", "probe", "--quiet", f"data.test={test}", *common]) == 2
+    assert "data.train" in capsys.readouterr().err
+    assert main(["eval", "probe", "--quiet", f"data.train={train}", f"data.test={test}",
+                 *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["num_train"], result["num_test"]) == (6, 2)
+    assert result["train_top1"] == 100.0 and result["top1"] == 100.0

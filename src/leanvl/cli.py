@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="evaluate weights on data.test: retrieval, qa, mc, classify")
-    p.add_argument("task", choices=["retrieval", "qa", "mc", "classify"])
+    p = sub.add_parser("eval", help="evaluate weights on data.test: retrieval, qa, mc, classify, "
+                       "or probe (a linear probe trained on data.train's frozen features)")
+    p.add_argument("task", choices=["retrieval", "qa", "mc", "classify", "probe"])
     p.add_argument("--model", help="released weights folder (sets model.pretrained)")
     p.add_argument("--config", help="preset name or YAML file for data/eval settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -133,6 +133,9 @@ class EvalConfig:
     mc_vtm_weight: float = 1.0  # multiple choice: score = w*softmax(VTM) + (1-w)*softmax(VTC)
     qa_mode: str = "classify"  # classify (answer vocabulary head) | rank (answer list scoring)
     batch_size: int = 32
+    probe_features: str = "tokens"  # linear probe: mean-pooled tokens | the embedding
+    probe_epochs: int = 100  # linear probe: epochs over the cached training features
+    probe_lr: float = 1e-2  # linear probe: AdamW lr (cosine schedule, weight decay 1e-4)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from leanvl.tasks.pretrain import (
 )
 
 TASKS = ("retrieval", "qa", "mc", "classify")
+EVAL_TASKS = TASKS + ("probe",)  # probe: E-ViLM's linear probe of a frozen backbone
 
 
 def _side_list(annotations: str, name: str) -> list | None:
@@ -163,17 +164,22 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
 def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model.pretrained`` (released weights) on ``data.test`` for ``task``;
     ``model.kwargs`` given here override the stored ones (inference options)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(EVAL_TASKS)}")
     if not cfg.data.test:
         raise ValueError("data.test is not set: give the test annotation file")
+    if task == "probe" and not cfg.data.train:
+        raise ValueError("the linear probe trains on data.train: give the training annotation "
+                         "file (classification records)")
     configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     pretrained = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if pretrained is not None and (pretrained / "config.json").is_file():
         from leanvl.engine.checkpoint import to_plain
 
         model, trained_task, labels = load_finetuned(pretrained, to_plain(cfg.model.kwargs))
-        if trained_task in ("qa", "classify") and trained_task != task:
+        if task == "probe":  # probing a fine-tuned classifier probes its backbone
+            model, labels = getattr(model, "model", model), None
+        elif trained_task in ("qa", "classify") and trained_task != task:
             raise ValueError(f"{pretrained} was fine-tuned for {trained_task}, not {task}")
     else:
         model, labels = build_model(cfg.model).eval(), None
@@ -182,6 +188,23 @@ def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
     if task == "classify" and labels is None:
         labels = _side_list(cfg.data.test, "classes.json")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if task == "probe":
+        return _linear_probe(cfg, model.to(device), device, progress)
     evaluate = _evaluator(cfg, task, labels, device, progress)
     with torch.no_grad():
         return evaluate(model.to(device))
+
+
+def _linear_probe(cfg: Any, model: nn.Module, device, progress: bool) -> dict[str, Any]:
+    """``leanvl eval probe``: frozen features of ``data.train`` / ``data.test`` (evaluation
+    transforms for both), one linear layer trained on the training ones."""
+    from leanvl.tasks.classify import linear_probe
+
+    data, root = cfg.data, cfg.data.root or None
+    classes = task_labels(cfg, "classify")
+    train, test = (build_dataset(path, root, data, train=False, kind="classification",
+                                 classes=classes) for path in (data.train, data.test))
+    return linear_probe(model, train, test, device, batch_size=cfg.eval.batch_size,
+                        num_workers=data.num_workers, source=cfg.eval.probe_features,
+                        epochs=cfg.eval.probe_epochs, lr=cfg.eval.probe_lr, seed=cfg.seed,
+                        progress_bar=progress)
