@@ -112,6 +112,22 @@ def test_stage1_file_with_alignment_heads_starts_a_teacherless_stage2(tmp_path):
     assert not hasattr(stage2, "uta_heads") and stage2.text_encoder is not None
 
 
+def test_stage2_weights_start_a_video_only_model(tmp_path):
+    """Fine-tuning an action classifier from stage-2 weights: the text side, the projections
+    and the bare log_temperature parameter are left out, the video encoder loads."""
+    from leanvl.config import ModelConfig
+    from leanvl.engine.checkpoint import save_pretrained
+    from leanvl.tasks.pretrain import build_model
+
+    stage2 = create_model("umt_tiny", stage=2, mask_type="random", text={"vocab_size": 64})
+    save_pretrained(stage2, tmp_path / "s2")
+    video_only = build_model(ModelConfig(name="umt_tiny", pretrained=str(tmp_path / "s2"),
+                                         kwargs={"stage": 1, "mask_type": "random"}))
+    assert torch.equal(video_only.video_encoder.blocks[1].attn.qkv.weight,
+                       stage2.video_encoder.blocks[1].attn.qkv.weight)
+    assert video_only.text_encoder is None and not hasattr(video_only, "log_temperature")
+
+
 def test_truncated_vocabulary_remaps_specials_and_sizes_the_text_side():
     from leanvl.nn.text import BERT_SPECIALS
 

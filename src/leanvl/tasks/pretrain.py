@@ -126,25 +126,33 @@ def build_model(model_cfg: Any, extra_kwargs: dict[str, Any] | None = None) -> n
     return model
 
 
-def _stored_top_level(path: str | Path) -> set[str] | None:
+def _stored_keys(path: str | Path) -> list[str] | None:
     from leanvl.engine.checkpoint import WEIGHTS_NAME, read_safetensors
 
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if weights.suffix != ".safetensors":
         return None
-    return {key.split(".")[0] for key in read_safetensors(weights)}
+    return list(read_safetensors(weights))
+
+
+def _stored_top_level(path: str | Path) -> set[str] | None:
+    keys = _stored_keys(path)
+    return None if keys is None else {key.split(".")[0] for key in keys}
 
 
 def extra_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
-    """Top-level modules stored in the weights at ``path`` that ``model`` does not have."""
-    stored = _stored_top_level(path)
-    if stored is None:
+    """Top-level modules (``name.``) and parameters (``name``, such as a stage-2 model's
+    ``log_temperature``) stored in the weights at ``path`` that ``model`` does not have."""
+    keys = _stored_keys(path)
+    if keys is None:
         return ()
     own = {name for name, _ in model.named_children()} | \
         {name for name, _ in model.named_parameters(recurse=False)} | \
         {name for name, _ in model.named_buffers(recurse=False)}
-    return tuple(f"{name}." for name in sorted(stored - own))
+    stored = {key.split(".")[0]: "." in key for key in keys}
+    return tuple(f"{name}." if nested else name
+                 for name, nested in sorted(stored.items()) if name not in own)
 
 
 def missing_prefixes(model: nn.Module, path: str | Path) -> tuple[str, ...]:
