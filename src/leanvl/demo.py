@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,23 @@ METHODS = ("umt", "perceiver_vl")
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
     overrides = [f"out={out}", f"data.root={synth_root}",
-                 f"data.train={synth_root / 'pretrain.jsonl'}"] + _cpu_precision() + extra
+                 f"data.train={synth_root / 'pretrain.jsonl'}"] + _cpu_settings() + extra
     return load_config(preset, overrides)
 
 
-def _cpu_precision() -> list[str]:
-    """bf16 autocast on a CPU with native bf16 units (1.2-1.8x faster steps for the demo's
-    models, docs/benchmarks.md); elsewhere the engine's default."""
+def _cpu_settings() -> list[str]:
+    """On the CPU: bf16 autocast where the CPU has native bf16 units (1.2-1.8x faster steps
+    for the demo's models), and torch on every core beside the loader worker, since the
+    demo's small clips keep the worker mostly idle (docs/benchmarks.md, "Demo models: CPU
+    step time"). Elsewhere the engine's defaults."""
     import torch
 
     from leanvl.engine.precision import native_bf16_flags
 
-    return ["train.precision=bf16"] if not torch.cuda.is_available() and native_bf16_flags() \
-        else []
+    if torch.cuda.is_available():
+        return []
+    return (["train.precision=bf16"] if native_bf16_flags() else []) + [
+        f"data.cpu_threads={os.cpu_count() or 1}"]
 
 
 def _done(cfg) -> bool:
