@@ -57,7 +57,8 @@ def test_eval_probe_trains_a_linear_probe_on_frozen_features(tmp_path, capsys):
     train = write_annotations(records[:6], tmp_path / "train.jsonl")
     test = write_annotations(records[6:], tmp_path / "test.jsonl")
     common = ["model.name=umt_tiny", "model.kwargs={stage: 1}", f"data.root={tmp_path}",
-              "data.num_frames=2", "data.size=32", "data.num_workers=0", "eval.probe_epochs=30"]
+              "data.num_frames=2", "data.size=32", "data.num_workers=0", "eval.probe_epochs=30",
+              "data.cpu_threads=1"]  # keep the suite on one thread (conftest)
     assert main(["eval", "probe", "--quiet", f"data.test={test}", *common]) == 2
     assert "data.train" in capsys.readouterr().err
     assert main(["eval", "probe", "--quiet", f"data.train={train}", f"data.test={test}",
