@@ -94,9 +94,11 @@ def main() -> None:
         backbone = build_model(cfg.model).to(device).eval()
         with torch.no_grad(), autocast(cfg.train.precision, device.type):
             (train_x, train_y), (test_x, test_y) = (
-                extract_features(backbone, split[s], device, 64, 1, "tokens", False)
+                extract_features(backbone, split[s], device, 64, 1, cfg.eval.probe_features,
+                                 False)
                 for s in ("train", "test"))
-        probe = train_linear_probe(train_x, train_y, len(CLASSES), 100, 1e-2, 1e-4)
+        probe = train_linear_probe(train_x, train_y, len(CLASSES), cfg.eval.probe_epochs,
+                                   cfg.eval.probe_lr, seed=cfg.seed)
         with torch.no_grad():
             rows.append([name, "linear probe", *_scores(probe(test_x).argmax(1), test_y),
                          f"{time.perf_counter() - start:.0f}"])

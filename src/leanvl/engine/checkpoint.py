@@ -287,10 +287,24 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
 
     state = load_file(str(path), device=str(device))
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    for alias, stored in json.loads(metadata.get("aliases", "{}")).items():
+        aliases = _aliases(handle)
+    for alias, stored in aliases.items():
         state[alias] = state[stored]
     return state
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """The state-dict keys of a safetensors file, tied-weight aliases included, read from its
+    header without loading any tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys()) + list(_aliases(handle))
+
+
+def _aliases(handle) -> dict[str, str]:
+    """alias -> stored key, from the metadata ``save_pretrained`` writes for tied weights."""
+    return json.loads((handle.metadata() or {}).get("aliases", "{}"))
 
 
 def _resolve_create_model(create_model_fn: Callable[..., nn.Module] | None):

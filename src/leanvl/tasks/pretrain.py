@@ -25,7 +25,7 @@ def configure_threads(num_workers: int, threads: int = 0) -> None:
     (oversubscribed OpenMP threads spin-wait and make small matmuls far slower than a single
     thread would). Give ``threads`` (``data.cpu_threads``) when the workers are mostly idle,
     as with small clips: the demo's 96-pixel clips decode in ~6 ms, so one worker beside two
-    torch threads beats one beside one (docs/training.md)."""
+    torch threads beats one beside one (docs/data.md)."""
     if torch.cuda.is_available():
         return
     if threads < 0:
@@ -127,13 +127,13 @@ def build_model(model_cfg: Any, extra_kwargs: dict[str, Any] | None = None) -> n
 
 
 def _stored_keys(path: str | Path) -> list[str] | None:
-    from leanvl.engine.checkpoint import WEIGHTS_NAME, read_safetensors
+    from leanvl.engine.checkpoint import WEIGHTS_NAME, safetensors_keys
 
     path = Path(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     if weights.suffix != ".safetensors":
         return None
-    return list(read_safetensors(weights))
+    return safetensors_keys(weights)
 
 
 def _stored_top_level(path: str | Path) -> set[str] | None:
