@@ -178,6 +178,15 @@ def test_loading_a_local_bert_folder_reproduces_its_outputs(tmp_path):
         BertTextEncoder.from_pretrained(tmp_path / "bert", fusion_layers=3, text_layers=3)
     with pytest.raises(FileNotFoundError):
         BertTextEncoder.from_pretrained(tmp_path / "missing")
+    # dropout rates can replace the checkpoint's (the demo trains without dropout)
+    quiet = BertTextEncoder.from_pretrained(tmp_path / "bert", fusion_layers=2, dropout=0.0,
+                                            attention_dropout=0.0).train()
+    assert quiet.config.hidden_dropout_prob == 0 and quiet.config.attention_probs_dropout_prob == 0
+    with torch.no_grad():  # deterministic in training mode, fusion layers included
+        video = torch.randn(ids.shape[0], 5, 64)
+        first = quiet.fuse(quiet(ids, mask), mask, video)
+        torch.testing.assert_close(quiet.fuse(quiet(ids, mask), mask, video), first)
+    assert loaded.config.hidden_dropout_prob == 0.1  # None keeps the checkpoint's
 
 
 def test_keep_tokens_slices_embeddings_and_the_tied_mlm_head(encoder):

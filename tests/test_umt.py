@@ -153,3 +153,20 @@ def test_match_scores_stay_float32_under_bf16_autocast():
         text = model.encode_text(batch["text_ids"], batch["text_mask"])
         scores = model.match(video, text)
     assert scores.dtype == torch.float32
+
+
+def test_pretrained_text_side_takes_dropout_and_rejects_other_sizes(tmp_path):
+    from transformers import BertModel
+
+    from leanvl.nn.text import bert_config
+
+    BertModel(bert_config(vocab_size=120, hidden_size=64, num_layers=3, num_heads=4,
+                          intermediate_size=128, max_positions=40),
+              add_pooling_layer=False).save_pretrained(tmp_path / "bert")
+    model = create_model("umt_tiny", stage=2, text_pretrained=str(tmp_path / "bert"),
+                         text={"text_layers": 2, "fusion_layers": 1, "dropout": 0.0})
+    assert model.text_encoder.config.hidden_dropout_prob == 0.0
+    assert model.text_encoder.config.attention_probs_dropout_prob == 0.1  # the checkpoint's
+    with pytest.raises(ValueError, match="hidden_size"):
+        create_model("umt_tiny", stage=2, text_pretrained=str(tmp_path / "bert"),
+                     text={"hidden_size": 32})

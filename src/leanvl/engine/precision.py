@@ -45,7 +45,18 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    cast = torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    if device.type != "cpu":
+        return cast
+    # On the CPU, the fused ("flash") attention kernel is 2.5-3.5x slower in bf16 than the
+    # math path, forward plus backward, at the demo's shapes (and faster in fp32, where it is
+    # left on): docs/benchmarks.md, "Demo models: CPU step time".
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(cast)
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def make_grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:

@@ -80,7 +80,13 @@ class UMT(VideoLanguageModel):
                 self.text_encoder = BertTextEncoder.from_pretrained(
                     text_model_path(text_pretrained), fusion_layers=fusion,
                     text_layers=text.pop("text_layers", None), video_dim=self.video_dim,
-                    mlm_head=True)
+                    mlm_head=True, dropout=text.pop("dropout", None),
+                    attention_dropout=text.pop("attention_dropout", None))
+                if text:
+                    raise ValueError(f"text={sorted(text)}: a pretrained text model "
+                                     f"({text_pretrained}) brings its own sizes; only "
+                                     "text_layers, fusion_layers, dropout and attention_dropout "
+                                     "can be set")
                 if self.text_vocab_ids:
                     self.text_encoder.keep_tokens(self.text_vocab_ids)
             else:

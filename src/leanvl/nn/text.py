@@ -146,22 +146,27 @@ class BertTextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, fusion_layers: int = 3,
                         text_layers: int | None = None, video_dim: int | None = None,
-                        mlm_head: bool = False, attn_implementation: str = "sdpa"
+                        mlm_head: bool = False, attn_implementation: str = "sdpa",
+                        dropout: float | None = None, attention_dropout: float | None = None
                         ) -> BertTextEncoder:
         """Load BERT weights from a local folder (``save_pretrained`` layout); never downloads.
 
         ``text_layers`` defaults to the checkpoint's layers minus ``fusion_layers``; fewer layers
         than the checkpoint has keeps the first ones. Cross-attention weights are new. With
         ``mlm_head``, the checkpoint's ``cls.predictions`` weights are loaded when it has them.
+        ``dropout`` / ``attention_dropout`` replace the checkpoint's rates (None keeps them).
         """
         from transformers import BertModel
 
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"BERT folder not found: {folder} (loading is local only)")
+        rates = {name: float(value) for name, value in
+                 (("hidden_dropout_prob", dropout), ("attention_probs_dropout_prob",
+                                                     attention_dropout)) if value is not None}
         base = BertModel.from_pretrained(str(folder), local_files_only=True,
                                          add_pooling_layer=False,
-                                         attn_implementation=attn_implementation)
+                                         attn_implementation=attn_implementation, **rates)
         total = base.config.num_hidden_layers
         text_layers = total - fusion_layers if text_layers is None else text_layers
         wanted = text_layers + fusion_layers
