@@ -20,6 +20,7 @@ from leanvl.data.annotations import (
     ({"video": "a.mp4", "label": "juggling"}, "classification"),
     ({"video": "a.mp4", "label": 3}, "classification"),
     ({"image": "a.jpg", "caption": "a cat"}, "image"),
+    ({"video": "a.mp4", "caption": "it rises", "negative_caption": ["it sinks"]}, "retrieval"),
 ])
 def test_every_format_validates_and_is_inferred(record, kind):
     assert infer_kind(record) == kind
@@ -31,6 +32,7 @@ def test_every_format_validates_and_is_inferred(record, kind):
     ({"video": "", "caption": "x"}, "video", "non-empty path"),
     ({"video": "a.mp4", "caption": 3}, "caption", "string"),
     ({"video": "a.mp4", "caption": []}, "caption", "non-empty list"),
+    ({"video": "a.mp4", "caption": "x", "negative_caption": [""]}, "negative_caption", "list"),
     ({"video": "a.mp4", "question": "q"}, "answer", "missing"),
     ({"video": "a.mp4", "caption": ["a", "b"], "answer": 5}, "answer", "out of range"),
     ({"video": "a.mp4", "caption": "x", "start": -1}, "start", "non-negative"),

@@ -117,6 +117,31 @@ def test_qa_mc_classification_batches(clip_folder, text):
         ClassificationDataset(cls, root, classes=["walk"], train=False, **SMALL)[1]
 
 
+def test_negative_captions_are_drawn_in_training_and_batched_with_their_owner(clip_folder,
+                                                                            text):
+    root, _ = clip_folder
+    anno = write_annotations(
+        [{"video": f"clip{i}.mp4", "caption": f"clip {i} rises",
+          **({"negative_caption": [f"clip {i} sinks", f"clip {i} falls"]} if i % 2 else {})}
+         for i in range(4)], root / "negatives.json")
+    train = VideoTextDataset(anno, root, train=True, **SMALL)
+    assert train[0]["negative_caption"] is None
+    drawn = set()
+    for epoch in range(10):
+        train.set_epoch(epoch)
+        drawn.add(train[1]["negative_caption"])
+    assert drawn == {"clip 1 sinks", "clip 1 falls"}
+    batch = Collator(text)([train[i] for i in range(4)])
+    assert batch["negative_owner"].tolist() == [1, 3]
+    assert batch["negative_text_ids"].shape == (2, 12)
+    assert torch.equal(batch["negative_text_ids"][1],
+                       text([batch["negative_caption"][1]])["text_ids"][0])
+    assert batch["negative_caption"][1].startswith("clip 3")
+    # evaluation never sees them; batches without any have no negative keys
+    assert "negative_caption" not in VideoTextDataset(anno, root, train=False, **SMALL)[1]
+    assert "negative_owner" not in Collator(text)([train[0], train[2]])
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_images_are_one_frame_videos_and_mix_with_video_batches(clip_folder, text):
     from torchvision.io import write_png

@@ -39,6 +39,23 @@ def test_vtc_ids_spread_target_over_shared_videos():
     assert not torch.allclose(vtc_loss(video, text, 0.1), expected)
 
 
+def test_vtc_negative_texts_are_extra_video_to_text_columns():
+    torch.manual_seed(1)
+    video = F.normalize(torch.randn(4, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    false = F.normalize(torch.randn(3, 8), dim=-1)
+    logits = video @ text.t() / 0.1
+    wide = torch.cat([logits, video @ false.t() / 0.1], dim=1)
+    expected = (F.cross_entropy(wide, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4))) / 2
+    assert torch.allclose(vtc_loss(video, text, 0.1, negative_text=false), expected)
+    assert torch.allclose(vtc_loss(video, text, 0.1, ids=torch.arange(4), negative_text=false),
+                          expected)
+    # a caption of each clip's reversal that resembles the clip raises the loss
+    assert vtc_loss(video, text, 0.1, negative_text=video) > vtc_loss(video, text, 0.1)
+    assert torch.allclose(vtc_loss(video, text, 0.1, negative_text=false[:0]),
+                          vtc_loss(video, text, 0.1))
+
+
 def test_hard_negatives_never_positive_and_prefer_similar():
     generator = torch.Generator().manual_seed(0)
     sim = torch.zeros(4, 4)

@@ -122,6 +122,27 @@ def test_temporal_mc_distractors_are_captions_of_the_reversed_clip(bench):
                 assert item["option_facts"][k] == spec.reversed().facts
 
 
+def test_pretrain_clips_with_motion_carry_captions_of_their_reversal(bench):
+    cfg, _, out = bench
+    assert not any("negative_caption" in r for r in records(out, "pretrain"))  # opt-in
+    held = [tuple(p) for p in json.loads((out / "summary.json").read_text())["held_out_combos"]]
+    negative_cfg = dataclasses.replace(cfg, negative_captions=True)
+    with_negatives = 0
+    for index in range(cfg.pretrain_clips):
+        spec, written = synth.clip_records(negative_cfg, "pretrain", index, held)
+        record = written["pretrain"]
+        negatives = record.get("negative_caption", [])
+        assert bool(negatives) == bool(spec.temporal_facts())
+        assert not set(negatives) & set(record["caption"])
+        for text in negatives:  # each names what every directional motion looks like backwards
+            for obj in spec.objects:
+                if synth.REVERSE[obj.motion] != obj.motion:
+                    phrases = synth._MOTION_PHRASES[synth.REVERSE[obj.motion]]
+                    assert any(phrase in text for phrase in phrases), (text, obj.motion)
+        with_negatives += bool(negatives)
+    assert 0 < with_negatives < cfg.pretrain_clips
+
+
 def test_static_mc_distractors_change_one_single_frame_fact(bench):
     _, _, out = bench
     items = [r for r in records(out, "mc_test") if r["kind"] == "static"]

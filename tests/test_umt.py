@@ -170,3 +170,30 @@ def test_pretrained_text_side_takes_dropout_and_rejects_other_sizes(tmp_path):
     with pytest.raises(ValueError, match="hidden_size"):
         create_model("umt_tiny", stage=2, text_pretrained=str(tmp_path / "bert"),
                      text={"hidden_size": 32})
+
+
+def test_negative_captions_join_vtc_and_vtm_as_negatives_of_their_clip():
+    model = create_model("umt_tiny", stage=2, mask_type="random")
+    batch = _batch()
+    false = torch.randint(1000, 3000, (2, 8))
+    false[:, 0], false[:, -1] = 101, 102
+    with_negatives = {**batch, "negative_text_ids": false,
+                      "negative_text_mask": torch.ones_like(false),
+                      "negative_owner": torch.tensor([1, 3])}
+    pairs = []
+    original = model.match
+
+    def match(video, text):
+        pairs.append((video.embedding.shape[0], text.embedding.shape[0]))
+        return original(video, text)
+
+    model.match = match
+    torch.manual_seed(0)
+    plain = model.pretrain_losses(batch)
+    assert pairs == [(4, 4)] * 3
+    pairs.clear()
+    torch.manual_seed(0)
+    losses = model.pretrain_losses(with_negatives)
+    assert pairs == [(4, 4)] * 3 + [(2, 2)]  # (clip 1, its false caption), (clip 3, ...)
+    assert losses["vtc"] > plain["vtc"]  # more columns in each video's softmax
+    sum(losses.values()).backward()

@@ -51,6 +51,7 @@ class SynthConfig:
     workers: int = 0  # 0: one process per core
     crf: int = 20
     captions_per_clip: int = 3  # distinct captions per pre-training clip
+    negative_captions: bool = False  # pre-training clips with motion: captions of their reversal
 
 
 @dataclass

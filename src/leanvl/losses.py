@@ -31,11 +31,14 @@ def _rank_offset(local: int) -> int:
 
 
 def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
-             temperature: torch.Tensor | float, ids: torch.Tensor | None = None) -> torch.Tensor:
+             temperature: torch.Tensor | float, ids: torch.Tensor | None = None,
+             negative_text: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between normalised video and text embeddings, over the global batch.
 
     ``ids`` (one per pair, e.g. the video index) marks pairs sharing a video as positives too,
     with the target spread evenly over them; without it the diagonal is the only positive.
+    ``negative_text`` (N x D, this rank's hard-negative captions, e.g. of time-reversed clips)
+    adds N columns that are negatives for every video in the video-to-text direction.
     """
     all_video = gather_with_grad(video_embedding)
     all_text = gather_with_grad(text_embedding)
@@ -43,13 +46,18 @@ def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
     logits_t2v = text_embedding @ all_video.t() / temperature
     local = video_embedding.shape[0]
     if ids is None:
-        target = torch.arange(local, device=video_embedding.device) + _rank_offset(local)
-        return (F.cross_entropy(logits_v2t, target) + F.cross_entropy(logits_t2v, target)) / 2
-    all_ids = gather_with_grad(ids)
-    positives = (ids.view(-1, 1) == all_ids.view(1, -1)).float()
+        positives = F.one_hot(torch.arange(local, device=video_embedding.device)
+                              + _rank_offset(local), all_text.shape[0]).float()
+    else:
+        all_ids = gather_with_grad(ids)
+        positives = (ids.view(-1, 1) == all_ids.view(1, -1)).float()
     target = positives / positives.sum(dim=1, keepdim=True)
-    loss_v2t = -(F.log_softmax(logits_v2t, dim=1) * target).sum(dim=1).mean()
     loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * target).sum(dim=1).mean()
+    if negative_text is not None and negative_text.shape[0]:
+        logits_v2t = torch.cat([logits_v2t, video_embedding @ negative_text.t() / temperature],
+                               dim=1)
+        target = F.pad(target, (0, negative_text.shape[0]))
+    loss_v2t = -(F.log_softmax(logits_v2t, dim=1) * target).sum(dim=1).mean()
     return (loss_v2t + loss_t2v) / 2
 
 

@@ -8,6 +8,8 @@ Formats (one record per clip or per item; ``start``/``end`` in seconds are optio
 - ``classification``: ``{"video": path, "label": str | int}``
 - ``image``: ``{"image": path, "caption": str | [str]}``
 
+Retrieval and image records may add ``"negative_caption": str | [str]``: captions known to be
+false for the clip (e.g. those of its time reversal), used in training as hard negatives.
 Extra keys are kept untouched, so converters and the synthetic benchmark may add metadata.
 """
 
@@ -80,6 +82,11 @@ def validate_record(record: Any, kind: str | None = None, path: str = "<memory>"
                 fail("caption", "must be a non-empty list of non-empty strings")
         elif not _is_text(caption):
             fail("caption", f"must be a non-empty string or a list of strings, got {caption!r}")
+        negative = record.get("negative_caption")
+        if negative is not None and not (_is_text(negative) or (
+                isinstance(negative, list) and negative and all(_is_text(c) for c in negative))):
+            fail("negative_caption", "must be a non-empty string or a non-empty list of "
+                 f"non-empty strings, got {negative!r}")
     elif kind == "qa":
         for field in ("question", "answer"):
             if field not in record:
@@ -160,9 +167,12 @@ def check_records(path: str | os.PathLike, kind: str | None = None
     return good, errors
 
 
-def captions_of(record: dict[str, Any]) -> list[str]:
-    """The captions of a retrieval/image record as a list."""
-    caption = record["caption"]
+def captions_of(record: dict[str, Any], field: str = "caption") -> list[str]:
+    """The captions of a retrieval/image record as a list (``field="negative_caption"``: its
+    hard-negative captions, empty when it has none)."""
+    caption = record.get(field) if field != "caption" else record["caption"]
+    if caption is None:
+        return []
     return list(caption) if isinstance(caption, list) else [caption]
 
 

@@ -68,6 +68,10 @@ class SampleBuilder:
             captions = captions_of(record)
             sample["caption"] = captions[int(rng.integers(len(captions)))] if self.train \
                 else captions[0]
+            if self.train:  # a hard-negative caption when the record has some, else None
+                negatives = captions_of(record, "negative_caption")
+                sample["negative_caption"] = \
+                    negatives[int(rng.integers(len(negatives)))] if negatives else None
         elif self.kind == "qa":
             sample["question"], sample["answer"] = record["question"], record["answer"]
             if self.answer_index is not None:
@@ -225,6 +229,13 @@ class Collator:
         if "caption" in first:
             batch["caption"] = [s["caption"] for s in samples]
             batch.update(self._encode(batch["caption"]))
+            owners = [i for i, s in enumerate(samples) if s.get("negative_caption")]
+            if owners and self.text is not None:
+                batch["negative_caption"] = [samples[i]["negative_caption"] for i in owners]
+                batch["negative_owner"] = torch.tensor(owners)
+                encoded = self._encode(batch["negative_caption"])
+                batch["negative_text_ids"] = encoded["text_ids"]
+                batch["negative_text_mask"] = encoded["text_mask"]
         if "question" in first:
             batch["question"] = [s["question"] for s in samples]
             batch["answer"] = [s["answer"] for s in samples]

@@ -76,7 +76,7 @@ MAX_OBJECTS = 4
 SPLITS = ("pretrain", "retrieval_test", "mc_test", "classify_train", "classify_test")
 TRAIN_SPLITS = ("pretrain", "classify_train")  # held-out combinations never appear in these
 _SPLIT_IDS = {name: i + 1 for i, name in enumerate(SPLITS)}
-_SCENE, _CAPTION, _QA, _MC = range(4)  # independent RNG streams per clip
+_SCENE, _CAPTION, _QA, _MC, _NEGATIVE = range(5)  # independent RNG streams per clip
 ANNOTATION_FILES = ("pretrain.jsonl", "retrieval_test.jsonl", "qa_train.jsonl", "qa_test.jsonl",
                     "mc_test.jsonl", "classify_train.jsonl", "classify_test.jsonl")
 CHUNK = 25  # clips per multiprocessing task; fixed so results do not depend on workers
@@ -917,6 +917,11 @@ def clip_records(cfg: SynthConfig, split: str, index: int,
         count = cfg.captions_per_clip if split == "pretrain" else 1
         captions = _captions(spec, _clip_rng(cfg, split, index, _CAPTION), count)
         records[split] = {**base, "caption": captions if split == "pretrain" else captions[0]}
+        if split == "pretrain" and cfg.negative_captions and spec.temporal_facts():
+            # what the clip played backwards shows: false for this clip, and telling the two
+            # apart takes the order of its frames (hard negatives for training)
+            records[split]["negative_caption"] = _captions(
+                spec.reversed(), _clip_rng(cfg, split, index, _NEGATIVE), count)
         qa = _questions(spec, _clip_rng(cfg, split, index, _QA), cfg.qa_per_clip,
                         avoid=held if split in TRAIN_SPLITS else frozenset())
         records["qa_train" if split == "pretrain" else "qa_test"] = [{"video": video, **q}

@@ -207,15 +207,22 @@ class UMT(VideoLanguageModel):
         video_feats = self._video_features(tokens)
         text_feats = self.encode_text(ids, text_mask)
         pair_ids = batch.get("index")
+        # captions the records mark as false for their clip (e.g. of the time-reversed clip)
+        false_text = self.encode_text(batch["negative_text_ids"], batch["negative_text_mask"]) \
+            if "negative_text_ids" in batch else None
         losses["vtc"] = vtc_loss(video_feats.embedding, text_feats.embedding, self.temperature,
-                                 ids=pair_ids)
-        # VTM: B positives, B (video, hard text) and B (hard video, text) negatives.
+                                 ids=pair_ids,
+                                 negative_text=None if false_text is None else false_text.embedding)
+        # VTM: B positives, B (video, hard text) and B (hard video, text) negatives, plus each
+        # record's own false captions.
         similarity = (video_feats.embedding @ text_feats.embedding.t()).detach()
         negative_text, negative_video = sample_hard_negatives(similarity, ids=pair_ids)
         positive = self.match(video_feats, text_feats)
-        negative = torch.cat([self.match(video_feats, text_feats.index(negative_text)),
-                              self.match(video_feats.index(negative_video), text_feats)])
-        losses["vtm"] = vtm_loss(positive, negative)
+        negatives = [self.match(video_feats, text_feats.index(negative_text)),
+                     self.match(video_feats.index(negative_video), text_feats)]
+        if false_text is not None:
+            negatives.append(self.match(video_feats.index(batch["negative_owner"]), false_text))
+        losses["vtm"] = vtm_loss(positive, torch.cat(negatives))
         # MLM: masked caption tokens predicted from the fused (text, video) features.
         special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
         masked_ids, labels = mask_tokens(ids, text_mask, text_encoder.config.vocab_size,
