@@ -4,7 +4,9 @@ UMT backbones, and how often a clip is taken for its own time reversal.
     python benchmarks/action_recognition.py DEMO_DIR [--epochs 8] [key=value ...]
 
 DEMO_DIR is a ``leanvl demo`` folder (its ``synth/``, ``stage1/model`` and ``stage2/model``);
-a randomly initialised UMT-tiny is the baseline. For each backbone:
+a randomly initialised UMT-tiny is the baseline. The demo's benchmark has no classification
+clips; the script adds the default 2,000 + 500 to it, rendered like the demo's clips. For each
+backbone:
 
 - **linear probe** (``leanvl eval probe``'s protocol): frozen mean-pooled tokens of
   ``classify_train`` / ``classify_test``, one linear layer;
@@ -63,6 +65,25 @@ def _predict(model, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(predicted), torch.cat(truth)
 
 
+def _add_classification_splits(root: Path) -> None:
+    """Generate the default classification splits into the demo's benchmark folder (its other
+    clips are reused, not encoded again)."""
+    from omegaconf import OmegaConf
+
+    from leanvl.config import SynthConfig
+    from leanvl.data import synthetic
+
+    saved = OmegaConf.to_container(OmegaConf.load(root / "synth_config.yaml"), resolve=True)
+    defaults = SynthConfig()
+    cfg = SynthConfig(**{**saved, "out": str(root),
+                         "classify_train_clips": defaults.classify_train_clips,
+                         "classify_test_clips": defaults.classify_test_clips})
+    if saved.get("classify_train_clips") != cfg.classify_train_clips \
+            or saved.get("classify_test_clips") != cfg.classify_test_clips:
+        synthetic.generate(cfg, progress=False)
+        OmegaConf.save(OmegaConf.structured(cfg), root / "synth_config.yaml")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo")
@@ -71,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     demo, device = Path(args.demo), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = demo / "synth"
+    _add_classification_splits(root)
     cpu = [] if device.type == "cuda" else [f"data.cpu_threads={torch.get_num_threads()}"] + (
         ["train.precision=bf16"] if native_bf16_flags() else [])
     backbones = [("random initialisation", ""), ("demo stage 1", str(demo / "stage1" / "model")),
