@@ -390,6 +390,52 @@ def test_qa_rank_mode_scores_question_answer_pairs_with_vtm():
     assert top2["accuracy"] == 60.0
 
 
+class HeadOnlyQAModel(VideoLanguageModel):
+    """An answer head and nothing to rank answers with (no match, no answer_scores)."""
+
+    def __init__(self, text, table):
+        super().__init__()
+        self.inner = TableQAModel(text, table)
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def encode_video(self, video):
+        return self.inner.encode_video(video)
+
+    def encode_text(self, text_ids, text_mask):
+        return self.inner.encode_text(text_ids, text_mask)
+
+    def qa_logits(self, video, text):
+        return self.inner.qa_logits(video, text)
+
+
+def test_qa_mode_auto_classifies_with_an_answer_head_and_ranks_without():
+    text = FakeText()
+    table = {f"q{i}": torch.eye(3)[i % 2] for i in range(5)}
+    dataset = MemoryDataset(QA_RECORDS, kind="qa")
+    assert EvalConfig().qa_mode == "auto"
+    head = evaluate_qa(TableQAModel(text, table), dataset, text, EvalConfig(), answers=ANSWERS,
+                       progress_bar=False)
+    assert head["mode"] == "classify" and head["accuracy"] == 60.0
+    ranker = FakeModel(text, sim_fn=lambda v, s: 0.0, match_fn=lambda v, s: 0.0)
+    assert evaluate_qa(ranker, dataset, text, EvalConfig(rerank_k=0), answers=ANSWERS,
+                       progress_bar=False)["mode"] == "rank"
+    # an explicit mode wins over auto: the table model also matches, so it can rank
+    both = TableQAModel(text, table)
+    both.match_fn = lambda v, s: 0.0
+    forced = evaluate_qa(both, dataset, text, EvalConfig(qa_mode="rank", rerank_k=0),
+                         answers=ANSWERS, progress_bar=False)
+    assert forced["mode"] == "rank" and len(both.calls) == 5 * 3
+    with pytest.raises(TypeError, match="qa_mode=classify"):
+        evaluate_qa(HeadOnlyQAModel(text, table), dataset, text,
+                    EvalConfig(qa_mode="rank", rerank_k=0), answers=ANSWERS, progress_bar=False)
+    with pytest.raises(TypeError, match="qa_mode=rank"):
+        evaluate_qa(ranker, dataset, text, EvalConfig(qa_mode="classify"), answers=ANSWERS,
+                    progress_bar=False)
+    with pytest.raises(ValueError, match="qa_mode must be one of auto, classify, rank"):
+        evaluate_qa(ranker, dataset, text, EvalConfig(qa_mode="generate"), answers=ANSWERS,
+                    progress_bar=False)
+
+
 class FusedModel(FakeModel):
     """fused_cls: a fixed random vector per question (separable by construction)."""
 

@@ -132,7 +132,9 @@ class EvalConfig:
     chunk_size: int = 1024  # retrieval: rows of the similarity matrix computed at a time
     paragraph: bool = False  # retrieval: join all captions of a video into one query
     mc_vtm_weight: float = 1.0  # multiple choice: score = w*softmax(VTM) + (1-w)*softmax(VTC)
-    qa_mode: str = "classify"  # classify (answer vocabulary head) | rank (answer list scoring)
+    # QA: classify (answer vocabulary head) | rank (answer list scoring) | auto (classify when
+    # the model has an answer head, else rank)
+    qa_mode: str = "auto"
     batch_size: int = 32
     probe_features: str = "tokens"  # linear probe: mean-pooled tokens | the embedding
     probe_epochs: int = 100  # linear probe: epochs over the cached training features

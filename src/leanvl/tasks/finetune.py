@@ -114,9 +114,8 @@ def _evaluator(cfg: Any, task: str, labels: list | None, device, progress: bool 
         from leanvl.tasks.qa import evaluate_qa
 
         dataset = build_dataset(data.test, root, data, train=False, kind="qa", answers=labels)
-        # a fine-tuned answer head classifies; a pre-trained model ranks the answer list
+        # eval.qa_mode (auto: a fine-tuned answer head classifies, a pre-trained model ranks)
         return lambda m: evaluate_qa(m, dataset, text(m), cfg.eval, device, answers=labels,
-                                     mode="classify" if hasattr(m, "qa_logits") else "rank",
                                      progress_bar=progress, **loader_args)
     from leanvl.tasks.classify import evaluate_classification
 

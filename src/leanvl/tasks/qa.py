@@ -140,6 +140,10 @@ class VideoQAClassifier(nn.Module):
         return self.num_layers + 1
 
 
+#: ``EvalConfig.qa_mode`` values; ``auto`` classifies with an answer head and ranks without one
+QA_MODES = ("auto", "classify", "rank")
+
+
 def _answer_list(dataset, answers: Sequence[str] | None) -> list[str] | None:
     if answers is not None:
         return list(answers)
@@ -149,8 +153,9 @@ def _answer_list(dataset, answers: Sequence[str] | None) -> list[str] | None:
 
 def _classify_batch(model, video_feats, text_feats) -> torch.Tensor:
     if not has_method(model, "qa_logits"):
-        raise TypeError(f"{type(model).__name__} has no qa_logits; wrap it in "
-                        "VideoQAClassifier (qa_mode=classify) or use qa_mode=rank")
+        raise TypeError(f"{type(model).__name__} has no answer head (qa_logits) for "
+                        "qa_mode=classify: fine-tune it for QA (`leanvl finetune qa`, or wrap it "
+                        "in VideoQAClassifier), or use qa_mode=rank")
     return model.qa_logits(video_feats, text_feats).float()
 
 
@@ -163,6 +168,10 @@ def rank_answers(model, video_feats: VideoFeatures, question_feats: TextFeatures
         tokens = text_encoder(list(answers))
         return model.answer_scores(video_feats, question_feats, tokens["text_ids"].to(device),
                                    tokens["text_mask"].to(device)).float()
+    if not has_method(model, "match"):
+        raise TypeError(f"{type(model).__name__} can neither score answers (answer_scores) nor "
+                        "match (video, text) pairs: use qa_mode=classify for a model with an "
+                        "answer head")
     size, num_answers = len(questions), len(answers)
     if top_k and 0 < top_k < num_answers:
         if answer_feats is None:
@@ -205,8 +214,10 @@ def evaluate_qa(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
 
         cfg_eval = EvalConfig()
     mode = mode or cfg_eval.qa_mode
-    if mode not in ("classify", "rank"):
-        raise ValueError(f"qa_mode must be 'classify' or 'rank', got {mode!r}")
+    if mode not in QA_MODES:
+        raise ValueError(f"qa_mode must be one of {', '.join(QA_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "classify" if has_method(model, "qa_logits") else "rank"
     answer_list = _answer_list(dataset, answers)
     if answer_list is None:
         raise ValueError("no answer list: pass answers= or build the dataset with answers=")
