@@ -146,7 +146,9 @@ def test_pretraining_losses_go_down(stream):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     data = batch(size=8)
     history = []
-    for step in range(60):
+    # 100 steps: at 60 the ratio below sat at 0.70-0.78, moved by any change of floating-point
+    # order (threads, CPU); at 100 it is 0.49-0.69 over five initialisations
+    for step in range(100):
         torch.manual_seed(step)
         losses = model.pretrain_losses(data)
         assert set(losses) == {"vtm", "mlm"}
