@@ -36,9 +36,9 @@ from _report import table, update_section  # noqa: E402
 from leanvl.config import load_config  # noqa: E402
 from leanvl.data.datasets import build_dataset  # noqa: E402
 from leanvl.data.synthetic import CLASSES, REVERSE  # noqa: E402
-from leanvl.engine.precision import autocast, native_bf16_flags  # noqa: E402
-from leanvl.tasks.classify import extract_features, train_linear_probe  # noqa: E402
-from leanvl.tasks.common import eval_loader  # noqa: E402
+from leanvl.demo import cpu_settings  # noqa: E402
+from leanvl.engine.precision import autocast  # noqa: E402
+from leanvl.tasks.classify import evaluate_classification, linear_probe  # noqa: E402
 from leanvl.tasks.finetune import load_finetuned, run_finetune  # noqa: E402
 from leanvl.tasks.pretrain import build_model, configure_threads  # noqa: E402
 
@@ -46,23 +46,14 @@ DATA = ["data.num_frames=4", "data.size=96", "data.crop_scale=[0.8,1.0]", "data.
         "data.num_workers=1"]
 
 
-def _scores(predicted: torch.Tensor, truth: torch.Tensor) -> list[str]:
+def _scores(results: dict) -> list[str]:
+    """Top-1, taken for its reversal, and right within the pair, from ``return_predictions``."""
+    predicted, truth = torch.tensor(results["predictions"]), torch.tensor(results["targets"])
     reverse = torch.tensor([CLASSES.index(REVERSE[c]) for c in CLASSES])
     correct = (predicted == truth).float()
     reversed_ = (predicted == reverse[truth]).float()
     within = correct.sum() / (correct.sum() + reversed_.sum()).clamp(min=1)
     return [f"{100 * correct.mean():.1f}", f"{100 * reversed_.mean():.1f}", f"{100 * within:.1f}"]
-
-
-def _predict(model, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from leanvl.data.datasets import Collator
-
-    predicted, truth = [], []
-    with torch.no_grad():
-        for batch in eval_loader(dataset, Collator(None), 64, 1):
-            predicted.append(model.classify_logits(batch["video"].to(device)).argmax(1).cpu())
-            truth.append(batch["label"])
-    return torch.cat(predicted), torch.cat(truth)
 
 
 def _add_classification_splits(root: Path) -> None:
@@ -93,13 +84,11 @@ def main() -> None:
     demo, device = Path(args.demo), torch.device("cuda" if torch.cuda.is_available() else "cpu")
     root = demo / "synth"
     _add_classification_splits(root)
-    cpu = [] if device.type == "cuda" else [f"data.cpu_threads={torch.get_num_threads()}"] + (
-        ["train.precision=bf16"] if native_bf16_flags() else [])
     backbones = [("random initialisation", ""), ("demo stage 1", str(demo / "stage1" / "model")),
                  ("demo stage 2", str(demo / "stage2" / "model"))]
     finetune = ["model.name=umt_tiny", "model.kwargs={stage: 1}", f"data.root={root}",
                 f"data.train={root / 'classify_train.jsonl'}",
-                f"data.test={root / 'classify_test.jsonl'}", *DATA, *cpu,
+                f"data.test={root / 'classify_test.jsonl'}", *DATA, *cpu_settings(),
                 f"train.epochs={args.epochs}", "train.lr=1e-3", "train.min_lr=1e-6",
                 "train.layer_decay=0.75", "train.weight_decay=0.05", "train.warmup_epochs=1",
                 "train.betas=[0.9,0.999]", "train.log_every=10", *args.overrides]
@@ -114,24 +103,22 @@ def main() -> None:
         start = time.perf_counter()
         torch.manual_seed(cfg.seed)  # the random initialisation, and the heads, repeat
         backbone = build_model(cfg.model).to(device).eval()
-        with torch.no_grad(), autocast(cfg.train.precision, device.type):
-            (train_x, train_y), (test_x, test_y) = (
-                extract_features(backbone, split[s], device, 64, 1, cfg.eval.probe_features,
-                                 False)
-                for s in ("train", "test"))
-        probe = train_linear_probe(train_x, train_y, len(CLASSES), cfg.eval.probe_epochs,
-                                   cfg.eval.probe_lr, seed=cfg.seed)
-        with torch.no_grad():
-            rows.append([name, "linear probe", *_scores(probe(test_x).argmax(1), test_y),
-                         f"{time.perf_counter() - start:.0f}"])
+        with autocast(cfg.train.precision, device.type):
+            probe = linear_probe(backbone, split["train"], split["test"], device, 64, 1,
+                                 cfg.eval.probe_features, cfg.eval.probe_epochs,
+                                 cfg.eval.probe_lr, seed=cfg.seed, progress_bar=False,
+                                 return_predictions=True)
+        rows.append([name, "linear probe", *_scores(probe),
+                     f"{time.perf_counter() - start:.0f}"])
         print(rows[-1], flush=True)
         start = time.perf_counter()
         run_finetune(cfg, "classify")
         model, _, _ = load_finetuned(Path(cfg.out) / "model")
         with autocast(cfg.train.precision, device.type):
-            predicted, truth = _predict(model.to(device), split["test"], device)
-        rows.append([name, f"fine-tuning, {args.epochs:g} epochs",
-                     *_scores(predicted, truth), f"{time.perf_counter() - start:.0f}"])
+            tested = evaluate_classification(model.to(device), split["test"], device, 64, 1,
+                                             progress_bar=False, return_predictions=True)
+        rows.append([name, f"fine-tuning, {args.epochs:g} epochs", *_scores(tested),
+                     f"{time.perf_counter() - start:.0f}"])
         print(rows[-1], flush=True)
     body = ("Synthetic `classify_train` (2,000 clips) / `classify_test` (500), ten classes in five "
             "time-reversal pairs; UMT-tiny, 4 frames at 96x96. Fine-tuning: lr 1e-3, layer decay "

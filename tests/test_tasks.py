@@ -530,10 +530,16 @@ class BlobClips(Dataset):
 
 
 def test_linear_probe_end_to_end_on_frozen_features():
-    result = linear_probe(PixelBackbone(), BlobClips(20, 0), BlobClips(10, 1), epochs=30,
-                          progress_bar=False)
+    test = BlobClips(10, 1)
+    result = linear_probe(PixelBackbone(), BlobClips(20, 0), test, epochs=30,
+                          progress_bar=False, return_predictions=True)
     assert result["top1"] >= 90.0 and result["top5"] == 100.0
     assert result["num_train"] == 60 and result["num_test"] == 30
+    assert result["targets"] == test.labels.tolist()
+    hits = sum(p == t for p, t in zip(result["predictions"], result["targets"], strict=True))
+    assert 100 * hits / 30 == pytest.approx(result["top1"])
+    assert "predictions" not in linear_probe(PixelBackbone(), BlobClips(20, 0), test, epochs=1,
+                                             progress_bar=False)
 
 
 def test_video_classifier_head_layer_ids_and_multi_view_evaluation():
@@ -555,9 +561,14 @@ def test_video_classifier_head_layer_ids_and_multi_view_evaluation():
         optimizer.step()
     single = evaluate_classification(classifier, BlobClips(10, 1), progress_bar=False)
     grouped = evaluate_classification(classifier, BlobClips(10, 1), group_by="video",
-                                      progress_bar=False)
+                                      progress_bar=False, return_predictions=True)
     assert single["top1"] >= 90.0 and single["num_items"] == 30
     assert grouped["num_items"] == 15 and grouped["top1"] >= 90.0
+    assert "predictions" not in single
+    # one prediction per video when grouped, aligned with its label
+    assert len(grouped["predictions"]) == len(grouped["targets"]) == 15
+    hits = sum(p == t for p, t in zip(grouped["predictions"], grouped["targets"], strict=True))
+    assert 100 * hits / 15 == pytest.approx(grouped["top1"])
     head = ClassificationHead(48, 3)
     tokens = torch.randn(2, 4, 48)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

@@ -46,11 +46,11 @@ METHODS = ("umt", "perceiver_vl")
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
     overrides = [f"out={out}", f"data.root={synth_root}",
-                 f"data.train={synth_root / 'pretrain.jsonl'}"] + _cpu_settings() + extra
+                 f"data.train={synth_root / 'pretrain.jsonl'}"] + cpu_settings() + extra
     return load_config(preset, overrides)
 
 
-def _cpu_settings() -> list[str]:
+def cpu_settings() -> list[str]:
     """On the CPU: bf16 autocast where the CPU has native bf16 units (1.2-1.8x faster steps
     for the demo's models), and torch on every core beside the loader worker, since the
     demo's small clips keep the worker mostly idle (docs/benchmarks.md, "Demo models: CPU

@@ -227,10 +227,12 @@ def _average_views(logits: torch.Tensor, labels: torch.Tensor, keys: list[Any]
 
 def evaluate_classification(model, dataset, device: torch.device | str = "cpu",
                             batch_size: int = 32, num_workers: int = 0,
-                            group_by: str | None = None, progress_bar: bool = True
-                            ) -> dict[str, Any]:
+                            group_by: str | None = None, progress_bar: bool = True,
+                            return_predictions: bool = False) -> dict[str, Any]:
     """Top-1/top-5/mean-class accuracy of ``model.classify_logits`` over a classification
-    dataset; ``group_by="video"`` averages the softmax over records of the same video."""
+    dataset; ``group_by="video"`` averages the softmax over records of the same video. With
+    ``return_predictions``, ``predictions`` (top-1 class per item, or per video when grouped)
+    and the matching ``targets``."""
     model = unwrap_model(model)
     from leanvl.data.datasets import Collator
 
@@ -251,14 +253,18 @@ def evaluate_classification(model, dataset, device: torch.device | str = "cpu",
         logits, truth = _average_views(logits, truth, keys)
     results: dict[str, Any] = classification_metrics(logits, truth)
     results.update(num_items=int(len(truth)), seconds=time.perf_counter() - begin)
+    if return_predictions:
+        results.update(predictions=logits.argmax(1).tolist(), targets=truth.tolist())
     return results
 
 
 def linear_probe(model, train_dataset, test_dataset, device: torch.device | str = "cpu",
                  batch_size: int = 32, num_workers: int = 0, source: str = "tokens",
                  epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0,
-                 progress_bar: bool = True) -> dict[str, Any]:
-    """E-ViLM's linear-probe protocol end to end: frozen features, linear head, test metrics."""
+                 progress_bar: bool = True, return_predictions: bool = False) -> dict[str, Any]:
+    """E-ViLM's linear-probe protocol end to end: frozen features, linear head, test metrics.
+    With ``return_predictions``, the probe's top-1 class per test item (``predictions``) and the
+    labels (``targets``)."""
     model = unwrap_model(model)
     begin = time.perf_counter()
     train_x, train_y = extract_features(model, train_dataset, device, batch_size, num_workers,
@@ -269,8 +275,11 @@ def linear_probe(model, train_dataset, test_dataset, device: torch.device | str 
     probe = train_linear_probe(train_x, train_y, num_classes, epochs, lr, weight_decay,
                                seed=seed)
     with torch.no_grad():
-        results: dict[str, Any] = classification_metrics(probe(test_x), test_y)
+        test_logits = probe(test_x)
+        results: dict[str, Any] = classification_metrics(test_logits, test_y)
         results["train_top1"] = classification_metrics(probe(train_x), train_y)["top1"]
     results.update(num_train=len(train_y), num_test=len(test_y),
                    seconds=time.perf_counter() - begin)
+    if return_predictions:
+        results.update(predictions=test_logits.argmax(1).tolist(), targets=test_y.tolist())
     return results
