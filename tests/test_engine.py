@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from leanvl.data.datasets import MixedLoader, TooManyBadSamples, make_loader
 from leanvl.engine import checkpoint as ckpt
 from leanvl.engine.optim import build_optimizer, build_scheduler, cosine_lr
-from leanvl.engine.precision import autocast, make_grad_scaler, resolve_precision
+from leanvl.engine.precision import autocast, full_precision, make_grad_scaler, resolve_precision
 from leanvl.engine.resumable import ResumableBatches
 from leanvl.engine.trainer import NonFiniteLossError, Trainer
 from tests.engine_scripts.toy_setup import (
@@ -438,3 +438,14 @@ def test_load_pretrained_from_training_checkpoint(tmp_path):
     inputs = torch.randn(3, 6)
     assert torch.equal(model(inputs), loaded(inputs))
     assert loaded.registry_name == "toy"
+
+
+def test_full_precision_turns_autocast_off_and_is_a_no_op_on_meta():
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with autocast("bf16", "cpu"):
+        assert (a @ b).dtype == torch.bfloat16
+        with full_precision("cpu"):
+            assert (a @ b).dtype == torch.float32
+        assert (a @ b).dtype == torch.bfloat16  # restored on exit
+    with full_precision("meta"):  # FLOP counting runs models on meta tensors
+        assert (torch.empty(3, 4, device="meta") @ torch.empty(4, 2, device="meta")).shape == (3, 2)

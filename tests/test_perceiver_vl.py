@@ -304,6 +304,20 @@ def test_mixed_scores_stay_float32_under_bf16_autocast():
     assert under.dtype == torch.float32 and torch.allclose(under, exact, atol=1e-5)
 
 
+@pytest.mark.parametrize("stream", ["single", "mixed"])
+def test_vtm_scores_of_pairs_are_float32_under_bf16_autocast(stream):
+    # multiple choice scores each option with match(); bf16 logits tie, and ties count as misses
+    model = small(stream=stream).eval()
+    data = batch(size=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        video = model.encode_video(data["video"])
+        text = model.encode_text(data["text_ids"], data["text_mask"])
+        pairs = model.match(video, text)
+        joint = model.forward_joint(data["video"], data["text_ids"], data["text_mask"])
+    assert pairs.dtype == joint.dtype == torch.float32
+    assert pairs.unique().numel() == 4
+
+
 def test_vtc_aligns_clean_captions_when_mlm_masks_them():
     data = batch(size=4)
     with_mlm = small(stream="multi", losses=["vtc", "mlm"], layer_drop=0.0, mlm_ratio=1.0)

@@ -59,6 +59,16 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return stack
 
 
+def full_precision(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Autocast off for ``device``'s type, for scores that bf16 would round into ties (nearby
+    multiple-choice options, re-ranked candidates); a no-op on devices without autocast, such as
+    ``meta``, on which FLOPs are counted."""
+    device_type = torch.device(device).type
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def make_grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (its narrow range needs loss scaling); None otherwise."""
     device = torch.device(device)

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanvl.engine.precision import full_precision
 from leanvl.losses import mlm_loss, vtc_loss
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
 from leanvl.models.registry import register_model
@@ -359,18 +360,25 @@ class PerceiverVL(VideoLanguageModel):
         inputs, mask = self.embed.video(video)
         latents = self.encode_inputs({"video": (inputs, mask),
                                       "text": (self.embed.text(text_ids, text_mask), text_mask)})
-        return self.vtm_head(self.decode(latents, self.query_cls)[:, 0]).squeeze(-1)
+        return self.vtm_logits(self.decode(latents, self.query_cls)[:, 0])
+
+    def vtm_logits(self, cls: torch.Tensor) -> torch.Tensor:
+        """The VTM head on decoded [CLS] vectors (... x D -> ...), in float32 also under
+        autocast: in bf16, the nearby scores of multiple-choice options and of re-ranked
+        candidates tie, and ties count as misses."""
+        with full_precision(cls.device):
+            return self.vtm_head(cls.float()).squeeze(-1)
 
     def match(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures) -> torch.Tensor:
         """VTM logit per row-aligned pair (the dual-encoder score in multi-stream)."""
         if self.stream == "multi":
             return (video.embedding * text.embedding).sum(-1) / self.temperature
-        return self.vtm_head(self.fused_cls(video, text)).squeeze(-1)
+        return self.vtm_logits(self.fused_cls(video, text))
 
     def decoder_cache(self, latents: torch.Tensor, side: int) -> DecoderCache:
         """Per-item partial softmax of the [CLS] query over one side's decoder keys (float32,
         also under autocast: the parts are summed and divided across items)."""
-        with torch.autocast(latents.device.type, enabled=False):
+        with full_precision(latents.device):
             return self._decoder_cache(latents.float(), side)
 
     def _decoder_cache(self, latents: torch.Tensor, side: int) -> DecoderCache:
@@ -388,7 +396,7 @@ class PerceiverVL(VideoLanguageModel):
 
     def mixed_scores(self, video: DecoderCache, text: DecoderCache) -> torch.Tensor:
         """VTM logits of every (video, text) pair from the two sides' caches: B_v x B_t."""
-        with torch.autocast(video.peak.device.type, enabled=False):
+        with full_precision(video.peak.device):
             return self._mixed_scores(video, text)
 
     def _mixed_scores(self, video: DecoderCache, text: DecoderCache) -> torch.Tensor:
@@ -401,7 +409,7 @@ class PerceiverVL(VideoLanguageModel):
         attn = self.decoder.attn
         out = attn.proj(mixed.flatten(2))  # Bv x Bt x D
         cls = self.decoder.mlp_part(self.query_cls + out)
-        return self.vtm_head(self.decoder_norm(cls)).squeeze(-1)
+        return self.vtm_logits(self.decoder_norm(cls))
 
     def similarity(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
                    ) -> torch.Tensor:

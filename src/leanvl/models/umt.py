@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanvl.config import CLIP_MEAN, CLIP_STD
+from leanvl.engine.precision import full_precision
 from leanvl.losses import mlm_loss, sample_hard_negatives, uta_loss, vtc_loss, vtm_loss
 from leanvl.masking import random_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
@@ -136,7 +137,7 @@ class UMT(VideoLanguageModel):
         """VTM log-odds of each row-aligned (video, text) pair: B, in float32 (under bf16
         autocast, nearby scores of multiple-choice options would tie)."""
         fused = self.fused_cls(video, text)
-        with torch.autocast(fused.device.type, enabled=False):
+        with full_precision(fused.device):
             return self.itm_head(fused.float()).squeeze(-1)
 
     # ---- pre-training ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from leanvl.engine.precision import full_precision
 from leanvl.metrics import retrieval_metrics
 from leanvl.models.base import TextFeatures, VideoFeatures
 from leanvl.tasks.common import (
@@ -110,7 +111,7 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
     compute_device = torch.device(device) if device is not None else out_device
     # float32 scores: under bf16 autocast, cosine/temperature values near 10 are rounded to
     # steps of 1/16, and the (pessimistic) tie rule would then rank many true matches low
-    with torch.no_grad(), torch.autocast(compute_device.type, enabled=False):
+    with torch.no_grad(), full_precision(compute_device):
         for text_rows in progress(text_blocks, "similarity", enabled=progress_bar):
             text = move_features(text_feats.index(text_rows), device, torch.float32)
             for video_rows in batches(num_videos, chunk_size):
