@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from leanvl.config import EvalConfig
+from leanvl.engine.precision import autocast
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
 from leanvl.tasks.classify import (
     ClassificationHead,
@@ -540,6 +541,12 @@ def test_linear_probe_end_to_end_on_frozen_features():
     assert 100 * hits / 30 == pytest.approx(result["top1"])
     assert "predictions" not in linear_probe(PixelBackbone(), BlobClips(20, 0), test, epochs=1,
                                              progress_bar=False)
+    # inside a caller's bf16 autocast the probe still fits and predicts in float32 (bf16
+    # logits of a freshly fitted probe tie, and argmax then names one class for every clip)
+    with autocast("bf16", "cpu"):
+        under = linear_probe(PixelBackbone(), BlobClips(20, 0), test, epochs=30,
+                             progress_bar=False, return_predictions=True)
+    assert under["top1"] >= 90.0 and len(set(under["predictions"])) == 3
 
 
 def test_video_classifier_head_layer_ids_and_multi_view_evaluation():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from leanvl.engine.precision import full_precision
 from leanvl.metrics import mean_per_class_accuracy, topk_accuracy
 from leanvl.models.base import VideoFeatures
 from leanvl.tasks.common import (
@@ -175,7 +176,15 @@ class LinearProbe(nn.Module):
 def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1e-4,
                        batch_size: int = 256, seed: int = 0) -> LinearProbe:
-    """Fit a ``LinearProbe`` on precomputed features with AdamW and cross-entropy."""
+    """Fit a ``LinearProbe`` on precomputed features with AdamW and cross-entropy, in float32
+    also inside an autocast region (whose bf16 logits would tie)."""
+    with full_precision(features.device):
+        return _fit_probe(features, labels, num_classes, epochs, lr, weight_decay, batch_size,
+                          seed)
+
+
+def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
+               lr: float, weight_decay: float, batch_size: int, seed: int) -> LinearProbe:
     features = features.float()
     labels = labels.long()
     if len(features) != len(labels):
@@ -274,7 +283,7 @@ def linear_probe(model, train_dataset, test_dataset, device: torch.device | str 
     num_classes = len(getattr(train_dataset, "classes", [])) or int(train_y.max()) + 1
     probe = train_linear_probe(train_x, train_y, num_classes, epochs, lr, weight_decay,
                                seed=seed)
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(test_x.device):
         test_logits = probe(test_x)
         results: dict[str, Any] = classification_metrics(test_logits, test_y)
         results["train_top1"] = classification_metrics(probe(train_x), train_y)["top1"]
