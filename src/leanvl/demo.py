@@ -51,7 +51,7 @@ def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
 
 
 def cpu_settings() -> list[str]:
-    """On the CPU: bf16 autocast where the CPU has native bf16 units (1.2-1.8x faster steps
+    """On the CPU: bf16 autocast where the CPU has native bf16 units (2.0-2.5x faster steps
     for the demo's models), and torch on every core beside the loader worker, since the
     demo's small clips keep the worker mostly idle (docs/benchmarks.md, "Demo models: CPU
     step time"). Elsewhere the engine's defaults."""

@@ -2,7 +2,7 @@
 
 ``auto`` means bf16 on a GPU that supports it (fp16 on older GPUs) and fp32 on the CPU: CPUs
 without native bf16 units emulate it slowly. On CPUs with AMX or AVX512-BF16, ``bf16`` trains the
-demo's models 1.2-1.8x faster per step (docs/benchmarks.md, "Demo models: CPU step time").
+demo's models 2.0-2.5x faster per step (docs/benchmarks.md, "Demo models: CPU step time").
 """
 
 from __future__ import annotations
