@@ -65,7 +65,11 @@ def test_vocab_truncation_save_load(tmp_path):
     assert torch.equal(loaded.table, trunc.table)
 
 
-def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_path):
+@pytest.mark.parametrize("name, kwargs", [
+    ("umt_tiny", "{mask_type: random}"),
+    ("perceiver_vl_tiny", "{image_size: 32, patch_size: 16, num_latents: 8, dim: 32, num_heads: 2, "
+                          "num_blocks: 1, self_per_block: 1}")])
+def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_path, name, kwargs):
     """data.vocab_keep_fraction < 1: the kept ids travel in config.json, and evaluation maps
     captions into the released model's vocabulary."""
     from leanvl.config import SynthConfig, load_config
@@ -79,7 +83,7 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     synthetic.generate(synth_cfg, progress=False)
     root = Path(synth_cfg.out)
     cfg = load_config(None, [
-        f"out={tmp_path / 'run'}", "model.name=umt_tiny", "model.kwargs={mask_type: random}",
+        f"out={tmp_path / 'run'}", f"model.name={name}", f"model.kwargs={kwargs}",
         f"data.root={root}", f"data.train={root / 'pretrain.jsonl'}", "data.num_frames=2",
         "data.size=32", "data.batch_size=4", "data.num_workers=0",
         "data.vocab_keep_fraction=0.01", "train.epochs=1", "train.precision=fp32"])
@@ -88,7 +92,9 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     kept = config["kwargs"]["text_vocab_ids"]
     assert len(kept) == round(30522 * 0.01)
     model = load_pretrained(tmp_path / "run" / "model")
-    assert model.text_encoder.config.vocab_size == len(kept) and model.text_vocab_ids == kept
+    rows = model.embed.token_embed if name.startswith("perceiver") else \
+        model.text_encoder.embeddings.word_embeddings
+    assert rows.num_embeddings == len(kept) and model.text_vocab_ids == kept
     text = build_text_encoder(cfg.data, model)
     caption = json.loads((root / "pretrain.jsonl").read_text().splitlines()[0])["caption"][0]
     ids = text([caption])["text_ids"][0]

@@ -65,7 +65,7 @@ from leanvl.nn.perceiver import (
     PerceiverEncoder,
     concat_inputs,
 )
-from leanvl.nn.text import BERT_SPECIALS, mask_tokens
+from leanvl.nn.text import mask_tokens, model_specials
 from leanvl.nn.vit import Block, init_vit_weights
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,8 @@ class PerceiverVL(VideoLanguageModel):
                  temperature: float = 0.07, latent_resize: str = "new", init: str = "",
                  freeze_pretrained: bool = False, act: str = "gelu", norm_eps: float = 1e-6,
                  drop_path: float = 0.0, latent_init_std: float = 0.02, seed: int = 0,
-                 special_ids: dict[str, int] | None = None, pair_chunk: int = 65536) -> None:
+                 special_ids: dict[str, int] | None = None, pair_chunk: int = 65536,
+                 text_vocab_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
@@ -220,7 +221,12 @@ class PerceiverVL(VideoLanguageModel):
         self.stream, self.aggregation = stream, aggregation
         self.num_cross_layers = num_cross_layers
         self.mlm_ratio, self.vtm_swap_prob = float(mlm_ratio), float(vtm_swap_prob)
-        self.specials = {**BERT_SPECIALS, **(special_ids or {})}
+        # E-ViLM's vocabulary truncation (data.vocab_keep_fraction): the token table and the
+        # tied MLM head have a row per kept id (the text side starts from scratch)
+        self.text_vocab_ids = [int(i) for i in text_vocab_ids] if text_vocab_ids else None
+        if self.text_vocab_ids:
+            vocab_size = len(self.text_vocab_ids)
+        self.specials = model_specials(self.text_vocab_ids, special_ids)
         self.dim, self.num_heads, self.embed_dim = dim, num_heads, embed_dim
         self.vocab_size, self.pair_chunk = vocab_size, int(pair_chunk)
         act_layer = ACTIVATIONS[act]

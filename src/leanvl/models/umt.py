@@ -24,7 +24,7 @@ from leanvl.masking import random_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
-from leanvl.nn.text import BERT_SPECIALS, BertTextEncoder, mask_tokens, truncated_specials
+from leanvl.nn.text import BertTextEncoder, mask_tokens, model_specials
 from leanvl.nn.vit import VIT_SIZES, AlignmentHead, VideoViT
 
 MASK_TYPES = ("semantic", "random", "tube", "none")
@@ -70,9 +70,7 @@ class UMT(VideoLanguageModel):
             self.uta_heads = nn.ModuleList(AlignmentHead(self.video_dim, self.teacher.out_dim)
                                            for _ in range(layers))
         self.text_vocab_ids = [int(i) for i in text_vocab_ids] if text_vocab_ids else None
-        given = dict(special_ids or {})
-        self.specials = given if set(given) >= set(BERT_SPECIALS) else \
-            {**truncated_specials(self.text_vocab_ids), **given}
+        self.specials = model_specials(self.text_vocab_ids, special_ids)
         self.text_encoder: BertTextEncoder | None = None
         if stage == 2:
             text = dict(text or {})

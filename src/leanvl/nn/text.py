@@ -42,6 +42,16 @@ def truncated_specials(kept_ids: Sequence[int] | None) -> dict[str, int]:
     return {name: position[token] for name, token in BERT_SPECIALS.items()}
 
 
+def model_specials(kept_ids: Sequence[int] | None,
+                   special_ids: dict[str, int] | None = None) -> dict[str, int]:
+    """A model's special ids: ``special_ids`` when it names them all (as a released config
+    does), else those of the vocabulary truncated to ``kept_ids`` updated with the given ones."""
+    given = dict(special_ids or {})
+    if set(given) >= set(BERT_SPECIALS):
+        return given
+    return {**truncated_specials(kept_ids), **given}
+
+
 # Attention implementations that take an additive float mask (flash-attention does not).
 _MASKABLE_ATTENTION = ("sdpa", "eager")
 
