@@ -11,8 +11,9 @@ augmentation, the script measures:
   tokens of different clips;
 - the entropy of its last block's [CLS] attention over the patches, as a fraction of the uniform
   distribution's (1.0 = uniform: semantic masking then samples like random masking);
-- the same token cosines for the final tokens of the UMT-tiny student, randomly initialised and
-  after stage 1.
+- the same token cosines for the final tokens of the UMT-tiny student: randomly initialised,
+  after stage 1, and (where the folder has them) after stage 2 and after the ablation's stage 2
+  alone (``stage2_only``).
 
 The demo teacher and a randomly initialised teacher of the same size are compared.
 """
@@ -86,8 +87,13 @@ def main() -> None:
                              f"{attention_entropy(output.attention):.3f}"])
         fresh = create_model(student.pretrained_config["name"],
                              **student.pretrained_config.get("kwargs", {})).eval()
-        for label, model in (("student: random initialisation", fresh),
-                             ("student: after demo stage 1", student)):
+        students = [("student: random initialisation", fresh),
+                    ("student: after demo stage 1", student)]
+        for label, folder in (("student: after demo stage 2", "stage2"),
+                              ("student: stage 2 alone (ablation)", "stage2_only")):
+            if (demo / folder / "model" / "config.json").is_file():
+                students.append((label, load_pretrained(demo / folder / "model")))
+        for label, model in students:
             within, across = token_cosines(model.encode_video(video).tokens)
             rows.append([label, "final tokens", f"{within:.3f}", f"{across:.3f}", "-"])
     headers = ["model", "tokens", "cosine within a clip", "cosine across clips",
