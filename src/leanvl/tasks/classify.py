@@ -178,13 +178,6 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
                        batch_size: int = 256, seed: int = 0) -> LinearProbe:
     """Fit a ``LinearProbe`` on precomputed features with AdamW and cross-entropy, in float32
     also inside an autocast region (whose bf16 logits would tie)."""
-    with full_precision(features.device):
-        return _fit_probe(features, labels, num_classes, epochs, lr, weight_decay, batch_size,
-                          seed)
-
-
-def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
-               lr: float, weight_decay: float, batch_size: int, seed: int) -> LinearProbe:
     features = features.float()
     labels = labels.long()
     if len(features) != len(labels):
@@ -199,15 +192,16 @@ def _fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, e
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, epochs * -(-len(features) // batch_size)))
     probe.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(features), generator=generator)
-        for start in range(0, len(features), batch_size):
-            rows = order[start:start + batch_size]
-            loss = F.cross_entropy(probe(features[rows]), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    with full_precision(features.device):
+        for _ in range(epochs):
+            order = torch.randperm(len(features), generator=generator)
+            for start in range(0, len(features), batch_size):
+                rows = order[start:start + batch_size]
+                loss = F.cross_entropy(probe(features[rows]), labels[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     return probe.eval()
 
 
