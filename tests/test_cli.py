@@ -66,3 +66,20 @@ def test_eval_probe_trains_a_linear_probe_on_frozen_features(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["num_train"], result["num_test"]) == (6, 2)
     assert result["train_top1"] == 100.0 and result["top1"] == 100.0
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    # torchrun runs `-m leanvl ...` once per rank; a finished command destroys the group
+    import torch.distributed as dist
+
+    from leanvl.engine import distributed
+
+    monkeypatch.setattr(distributed, "GLOO_DRAIN_SECONDS", 0.0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        assert main(["info"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -338,11 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ConfigError, AnnotationError, VideoDecodeError, FileNotFoundError, ValueError,
             KeyError, TypeError) as error:
         print(f"leanvl: error: {error}", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:  # a command that joined torchrun's group leaves it
+        from leanvl.engine.distributed import cleanup
+        cleanup()
+    return code
 
 
 if __name__ == "__main__":

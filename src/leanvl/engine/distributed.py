@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# how long cleanup() releases the GIL after destroying a gloo group (see cleanup)
+GLOO_DRAIN_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -105,15 +109,23 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
 
 
 def cleanup() -> None:
-    """Wait for every rank, then leave the process group (no-op without one).
+    """Leave the process group at the end of a run (no-op without one): wait for every rank,
+    destroy the group, then give gloo's worker threads a moment to finish.
 
-    The barrier keeps a rank from tearing down its gloo/NCCL threads while a peer still has
-    work in flight; a rank that left early once aborted its peer ("terminate called without an
-    active exception") in the 2-process test.
+    The pause is for gloo: a worker thread wakes the waiting rank before it drops its own
+    reference to the finished collective, and when that is the last reference to a tensor
+    Python created, freeing it needs the GIL. A thread that asks for the GIL after the
+    interpreter has begun to finalize is killed inside that destructor (Python < 3.14), which
+    aborts the process ("terminate called without an active exception") after all its work
+    is done, and torchrun reports the run as failed. Sleeping releases the GIL so the workers
+    finish while the interpreter is still alive (docs/training.md, "Multi-GPU and multi-node").
     """
     if dist.is_available() and dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.barrier()
         dist.destroy_process_group()
+        if gloo:
+            time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def barrier() -> None:
