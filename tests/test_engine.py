@@ -181,6 +181,7 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
     dataset = ToyDataset(n=32)
     results = []
     for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
+        torch.manual_seed(0)  # the same initial weights (the model is built before _toy_run seeds)
         trainer, model = _toy_run(tmp_path / name, ["train.epochs=2", f"train.grad_accum={accum}",
                                                     "train.clip_grad=1.0"],
                                   model=ToyModel(dropout=0.0), batch_size=batch, dataset=dataset)
