@@ -28,6 +28,7 @@ from tests.engine_scripts.toy_setup import (
     ToyModel,
     collate,
     run_ddp_toy,
+    run_toy_eval,
     toy_config,
 )
 
@@ -147,8 +148,9 @@ def test_resumable_batches_skip_matches_full_epoch():
             assert Counter(s for s, _ in full)["image"] > len(image_loader)
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
-    # per-process batch 4 x 2 ranks (gloo, launched by torchrun) vs batch 8 in one process
+def _torchrun(script: str, out: Path) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 SCRIPTS/script out`` (gloo, one thread per process),
+    started in the background; output captured."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -158,15 +160,26 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(SCRIPTS / "ddp_toy.py"), str(tmp_path / "ddp")]
-    launched = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+               str(SCRIPTS / script), str(out)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(launched: subprocess.Popen) -> None:
     try:
-        single = run_ddp_toy(tmp_path / "single")  # meanwhile, the one-process reference
         output, _ = launched.communicate(timeout=240)
     finally:
         launched.kill()
     assert launched.returncode == 0, output[-4000:]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    # per-process batch 4 x 2 ranks (gloo, launched by torchrun) vs batch 8 in one process
+    launched = _torchrun("ddp_toy.py", tmp_path / "ddp")
+    try:
+        single = run_ddp_toy(tmp_path / "single")  # meanwhile, the one-process reference
+    finally:
+        _finish(launched)
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert (single["world_size"], ddp["world_size"]) == (1, 2)
     assert len(ddp["losses"]) == len(single["losses"]) == 8
@@ -175,6 +188,29 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for name, value in single["params"].items():
         torch.testing.assert_close(torch.tensor(ddp["params"][name]), torch.tensor(value),
                                    atol=1e-5, rtol=0, msg=name)
+
+
+def test_retrieval_split_over_two_ranks_equals_one_process(tmp_path):
+    # 7 clips and 13 captions of different lengths: uneven blocks, padded text gathered
+    launched = _torchrun("ddp_eval.py", tmp_path / "ddp")
+    try:
+        single = run_toy_eval(tmp_path / "single")
+    finally:
+        _finish(launched)
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert single["counts"] == {"videos": 7, "texts": 13, "pairs": 3 * (13 + 7)}
+    # each rank did its block of the work, no more: rank 0 the smaller half of each split
+    # (pairs: 39 text queries x top 3, then 21 video queries x top 3)
+    assert [r["counts"] for r in ranks] == [{"videos": 3, "texts": 6, "pairs": 19 + 10},
+                                            {"videos": 4, "texts": 7, "pairs": 20 + 11}]
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        assert rank["metrics"] == pytest.approx(single["metrics"], abs=1e-9)
+        for name, scores in single["scores"].items():
+            torch.testing.assert_close(torch.tensor(rank["scores"][name]),
+                                       torch.tensor(scores), atol=1e-5, rtol=0, msg=name)
+        assert rank["bf16"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        assert rank["bool"] == [[False] * 3, [True] * 3]
 
 
 def test_gradient_accumulation_equals_large_batch(tmp_path):

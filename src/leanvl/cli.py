@@ -147,7 +147,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     extra = [f"model.pretrained={args.model}"] if args.model else []
     cfg = _run_config(args.config, args.overrides, extra)
     metrics = run_eval(cfg, args.task, progress=not args.quiet)
-    print(json.dumps(metrics, indent=1, default=float))
+    from leanvl.engine.distributed import is_main
+
+    if is_main():  # under torchrun every rank has the same metrics
+        print(json.dumps(metrics, indent=1, default=float))
     return 0
 
 

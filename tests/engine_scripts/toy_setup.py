@@ -115,3 +115,98 @@ def run_ddp_toy(out: str | Path, global_batch: int = 8) -> dict[str, Any] | None
         (Path(out) / "result.json").write_text(json.dumps(summary))
     distributed.cleanup()
     return summary
+
+
+# -- sharded evaluation ------------------------------------------------------------------------
+
+def toy_tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+    """One id per character (1..29), padded to the batch's longest text."""
+    ids = [[ord(c) % 29 + 1 for c in text] for text in texts]
+    length = max(len(row) for row in ids)
+    text_ids = torch.zeros(len(ids), length, dtype=torch.long)
+    for i, row in enumerate(ids):
+        text_ids[i, :len(row)] = torch.tensor(row)
+    return {"text_ids": text_ids, "text_mask": (text_ids > 0).long()}
+
+
+class ToyClips(Dataset):
+    """``n`` random 2-frame clips; clip i has i % 3 + 1 captions of different lengths."""
+
+    def __init__(self, n: int = 7):
+        generator = torch.Generator().manual_seed(1)
+        self.clips = torch.randn(n, 2, 3, 4, 4, generator=generator)
+        self.captions = [[f"clip {i}" + " x" * j for j in range(i % 3 + 1)] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"video": self.clips[index], "index": index, "caption": self.captions[index][0]}
+
+    def texts(self) -> tuple[list[str], list[int]]:
+        pairs = [(text, i) for i, caps in enumerate(self.captions) for text in caps]
+        return [t for t, _ in pairs], [i for _, i in pairs]
+
+
+class ToyRetrievalModel(nn.Module):
+    """Frame tokens and character tokens, cosine similarity, a linear cross-encoder; counts the
+    clips, texts and pairs it is asked to encode or match."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frames = nn.Linear(3 * 4 * 4, dim)
+        self.chars = nn.Embedding(30, dim)
+        self.head = nn.Linear(2 * dim, 1)
+        self.counts = {"videos": 0, "texts": 0, "pairs": 0}
+
+    def encode_video(self, video: torch.Tensor):
+        from leanvl.models.base import VideoFeatures
+
+        self.counts["videos"] += len(video)
+        tokens = self.frames(video.flatten(2))
+        return VideoFeatures(tokens, F.normalize(tokens.mean(1), dim=-1))
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor):
+        from leanvl.models.base import TextFeatures
+
+        self.counts["texts"] += len(text_ids)
+        tokens = self.chars(text_ids) * text_mask[..., None]
+        pooled = tokens.sum(1) / text_mask.sum(1, keepdim=True)
+        return TextFeatures(tokens, text_mask, F.normalize(pooled, dim=-1))
+
+    def similarity(self, video, text) -> torch.Tensor:
+        return video.embedding @ text.embedding.t()
+
+    def match(self, video, text) -> torch.Tensor:
+        self.counts["pairs"] += len(video.tokens)
+        words = (text.tokens * text.mask[..., None]).sum(1) / text.mask.sum(1, keepdim=True)
+        return self.head(torch.cat([video.tokens.mean(1), words], dim=-1)).squeeze(-1)
+
+
+def run_toy_eval(out: str | Path) -> dict[str, Any]:
+    """Retrieval (re-ranking the top 3) of the toy model on ``ToyClips`` on every rank; each
+    rank writes ``out/rank{r}.json``: metrics, score matrices and what it encoded."""
+    from leanvl.config import EvalConfig
+    from leanvl.engine import distributed
+    from leanvl.tasks.common import gather_rows
+    from leanvl.tasks.retrieval import evaluate_retrieval
+
+    distributed.init_distributed("gloo")
+    model = ToyRetrievalModel()
+    result = evaluate_retrieval(model, ToyClips(), toy_tokenize, EvalConfig(rerank_k=3),
+                                batch_size=2, progress_bar=False, return_scores=True)
+    scores = result.pop("scores")
+    rank, world = distributed.rank(), distributed.world_size()
+    # dtypes the features may have under autocast, and masks
+    mine = torch.arange(3 * world, dtype=torch.float32).reshape(-1, 3)[rank::world][:1]
+    halves = gather_rows(mine.to(torch.bfloat16), 2 if world == 2 else 1)
+    flags = gather_rows(mine > 2, 2 if world == 2 else 1)
+    summary = {"world_size": world, "counts": model.counts,
+               "metrics": {k: v for k, v in result.items() if not k.startswith("seconds")},
+               "scores": {k: v.tolist() for k, v in scores.items()},
+               "bf16": halves.float().tolist(), "bool": flags.tolist()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))
+    distributed.cleanup()
+    return summary

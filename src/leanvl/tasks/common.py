@@ -1,5 +1,7 @@
-"""Pieces the evaluation tasks share: eval-mode context, progress bars on rank 0, a loader that
-sees every item on every rank, and batching/concatenation of feature dataclasses."""
+"""Pieces the evaluation tasks share: eval-mode context, progress bars on rank 0, a sequential
+loader, batching/concatenation of feature dataclasses, and the split of evaluation work over the
+ranks of a process group (``shard`` gives a rank its rows, ``gather_rows`` / ``gather_features``
+put every rank's rows back together in order)."""
 
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def eval_loader(dataset: Dataset, collate, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """A sequential loader over the whole dataset, with no distributed sampler: every rank sees
-    every item (evaluation here is computed redundantly per rank, see the task docstrings)."""
+    """A sequential loader over the whole of ``dataset``, with no distributed sampler (to split
+    the work, pass a ``Subset`` of this rank's ``shard``)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                       num_workers=num_workers, drop_last=False,
                       pin_memory=torch.cuda.is_available())
@@ -56,6 +58,76 @@ def batches(count: int, size: int) -> Iterator[slice]:
     size = max(1, int(size))
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))
+
+
+def _group() -> tuple[int, int]:
+    """(world size, rank) of the active process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def shard_sizes(count: int) -> list[int]:
+    """How many of ``count`` rows each rank handles: contiguous blocks whose sizes differ by at
+    most one; ``[count]`` without a process group or when there are fewer rows than ranks
+    (every rank then handles all of them)."""
+    world, _ = _group()
+    if world == 1 or count < world:
+        return [count]
+    return [(r + 1) * count // world - r * count // world for r in range(world)]
+
+
+def shard(count: int) -> slice:
+    """This rank's block of ``range(count)`` (see ``shard_sizes``)."""
+    sizes = shard_sizes(count)
+    if len(sizes) == 1:
+        return slice(0, count)
+    _, rank = _group()
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def gather_rows(tensor: torch.Tensor, count: int, pad_dim1: bool = False) -> torch.Tensor:
+    """Every rank's ``tensor`` (its ``shard(count)`` rows) concatenated in rank order: all
+    ``count`` rows, on every rank, on ``tensor``'s device. With ``pad_dim1`` the ranks' dim 1
+    may differ and is zero-padded to the longest (text padded to its longest caption). A no-op
+    without sharding."""
+    import torch.distributed as dist
+
+    sizes = shard_sizes(count)
+    if len(sizes) == 1:
+        return tensor
+    if tensor.shape[0] != sizes[_group()[1]]:
+        raise ValueError(f"gather_rows: this rank holds {tensor.shape[0]} rows, its shard of "
+                         f"{count} is {sizes[_group()[1]]}")
+    comm = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    part = tensor.to(comm)
+    if part.dtype == torch.bool:  # not every backend reduces or gathers bool
+        part = part.to(torch.uint8)
+    if pad_dim1 and part.dim() >= 2:
+        length = torch.tensor([part.shape[1]], device=comm)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        part = _pad_length(part, int(length))
+    rows = max(sizes)
+    if part.shape[0] < rows:
+        part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+    out = [torch.empty_like(part) for _ in sizes]
+    dist.all_gather(out, part.contiguous())
+    return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)]).to(tensor.device,
+                                                                         tensor.dtype)
+
+
+def gather_features(features: Features, count: int) -> Features:
+    """``gather_rows`` over every tensor field of a feature dataclass (its ``padded_fields``
+    padded in dim 1)."""
+    padded = set(getattr(type(features), "padded_fields", ()))
+    values = {name: gather_rows(value, count, pad_dim1=name in padded)
+              if torch.is_tensor(value) else value
+              for name, value in feature_fields(features).items()}
+    return type(features)(**values)
 
 
 def move_features(features: Features, device: torch.device | str | None,

@@ -163,6 +163,8 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
 def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model.pretrained`` (released weights) on ``data.test`` for ``task``;
     ``model.kwargs`` given here override the stored ones (inference options)."""
+    from leanvl.engine import distributed
+
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(EVAL_TASKS)}")
     if not cfg.data.test:
@@ -186,7 +188,8 @@ def run_eval(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
         labels = _side_list(cfg.data.test, "answers.json")
     if task == "classify" and labels is None:
         labels = _side_list(cfg.data.test, "classes.json")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun each rank takes its GPU; retrieval splits its work over the ranks
+    device = distributed.init_distributed(cfg.train.distributed_backend).device
     if task == "probe":
         return _linear_probe(cfg, model.to(device), device, progress)
     evaluate = _evaluator(cfg, task, labels, device, progress)

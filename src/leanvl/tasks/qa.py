@@ -17,7 +17,8 @@ encoded once). Limitation: VTM was trained to judge captions, not question-answe
 this is a zero-shot stand-in until a model is fine-tuned that way; an autoregressive answer
 decoder like UMT's (generating and scoring answer tokens) is a follow-up.
 
-Distributed: every rank evaluates everything.
+Distributed: every rank evaluates every question; the answer list is encoded once, split over
+the ranks (``retrieval.encode_texts``).
 """
 
 from __future__ import annotations

@@ -17,9 +17,12 @@ returned. Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whos
 mixed-stream Perceiver-VL, which scores every pair with its decoder); step 3 is then skipped
 and the ``dual/`` metrics are the model's metrics.
 
-Distributed: when torch.distributed is initialised every rank computes the full evaluation
-(identical results, no communication); only rank 0 shows progress bars. Sharding the encoding
-and the re-ranking across ranks is a follow-up.
+Distributed: when torch.distributed is initialised (every rank must call these functions) the
+work is split over the ranks: each encodes its contiguous block of the videos and of the texts,
+scores its block of the texts against every video, and re-scores its block of the (query,
+candidate) pairs; the pieces are all-gathered after each step, so every rank ends with the full
+features, scores and metrics, equal to a single process's. Only rank 0 shows progress bars,
+which count its own share.
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ from leanvl.tasks.common import (
     cat_features,
     eval_loader,
     evaluating,
+    gather_features,
+    gather_rows,
     move_features,
     num_rows,
     progress,
+    shard,
     unwrap_model,
 )
 
@@ -59,16 +65,22 @@ def _eval_config(cfg_eval: Any):
 def encode_videos(model, dataset, device: torch.device | str = "cpu", batch_size: int = 32,
                   num_workers: int = 0, feature_device: torch.device | str | None = None,
                   progress_bar: bool = True) -> VideoFeatures:
-    """Every clip of ``dataset`` through ``model.encode_video``, in dataset order.
+    """Every clip of ``dataset`` through ``model.encode_video``, in dataset order (each rank of a
+    process group encodes its block; every rank gets all of them).
 
     Features are kept on ``feature_device`` (default: ``device``); pass ``"cpu"`` when all
     video tokens do not fit on the accelerator.
     """
+    from torch.utils.data import Subset
+
     from leanvl.data.datasets import Collator
 
     feature_device = device if feature_device is None else feature_device
-    loader = eval_loader(dataset, Collator(None), batch_size, num_workers)
-    parts, expected = [], 0
+    mine = shard(len(dataset))
+    part = dataset if mine.stop - mine.start == len(dataset) else \
+        Subset(dataset, range(mine.start, mine.stop))
+    loader = eval_loader(part, Collator(None), batch_size, num_workers)
+    parts, expected = [], mine.start
     with evaluating(model):
         for batch in progress(loader, "encode videos", enabled=progress_bar):
             index = batch["index"]
@@ -78,36 +90,41 @@ def encode_videos(model, dataset, device: torch.device | str = "cpu", batch_size
             expected += len(index)
             video = batch["video"].to(device, non_blocking=True)
             parts.append(move_features(model.encode_video(video), feature_device))
-    return cat_features(parts)
+    return gather_features(cat_features(parts), len(dataset))
 
 
 def encode_texts(model, texts: Sequence[str], text_encoder, device: torch.device | str = "cpu",
                  batch_size: int = 32, feature_device: torch.device | str | None = None,
                  progress_bar: bool = True) -> TextFeatures:
-    """``texts`` tokenised by ``text_encoder`` in batches and encoded by ``model.encode_text``."""
+    """``texts`` tokenised by ``text_encoder`` in batches and encoded by ``model.encode_text``
+    (each rank of a process group encodes its block; every rank gets all of them)."""
     if not texts:
         raise ValueError("no texts to encode")
     feature_device = device if feature_device is None else feature_device
+    mine = shard(len(texts))
     parts = []
     with evaluating(model):
-        for rows in progress(list(batches(len(texts), batch_size)), "encode texts",
+        for rows in progress(list(batches(mine.stop - mine.start, batch_size)), "encode texts",
                              enabled=progress_bar):
-            tokens = text_encoder(list(texts[rows]))
+            tokens = text_encoder(list(texts[mine.start + rows.start:mine.start + rows.stop]))
             feats = model.encode_text(tokens["text_ids"].to(device),
                                       tokens["text_mask"].to(device))
             parts.append(move_features(feats, feature_device))
-    return cat_features(parts)
+    return gather_features(cat_features(parts), len(texts))
 
 
 def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeatures,
                       chunk_size: int = 1024, device: torch.device | str | None = None,
                       progress_bar: bool = False) -> torch.Tensor:
     """Dual-encoder scores, texts x videos (float32), ``chunk_size`` x ``chunk_size`` blocks at a
-    time; the result lives where the text features do."""
+    time; the result lives where the text features do. Each rank of a process group scores its
+    block of the texts; every rank gets the whole matrix."""
     num_texts, num_videos = num_rows(text_feats), num_rows(video_feats)
     out_device = text_feats.embedding.device
-    sim = torch.empty(num_texts, num_videos, dtype=torch.float32, device=out_device)
-    text_blocks = list(batches(num_texts, chunk_size))
+    mine = shard(num_texts)
+    sim = torch.empty(mine.stop - mine.start, num_videos, dtype=torch.float32, device=out_device)
+    text_blocks = [slice(mine.start + rows.start, mine.start + rows.stop)
+                   for rows in batches(mine.stop - mine.start, chunk_size)]
     compute_device = torch.device(device) if device is not None else out_device
     # float32 scores: under bf16 autocast, cosine/temperature values near 10 are rounded to
     # steps of 1/16, and the (pessimistic) tie rule would then rank many true matches low
@@ -121,8 +138,9 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
                 if tuple(block.shape) != expected:
                     raise ValueError(f"model.similarity returned {tuple(block.shape)}, expected "
                                      f"videos x texts = {expected}")
-                sim[text_rows, video_rows] = block.t().float().to(out_device)
-    return sim
+                sim[text_rows.start - mine.start:text_rows.stop - mine.start, video_rows] = \
+                    block.t().float().to(out_device)
+    return gather_rows(sim, num_texts)
 
 
 def rerank(model, query_feats, candidate_feats, scores: torch.Tensor, k: int,
@@ -130,25 +148,28 @@ def rerank(model, query_feats, candidate_feats, scores: torch.Tensor, k: int,
            batch_size: int = 32, progress_bar: bool = True, desc: str = "re-rank"
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score each query's top-``k`` candidates (by ``scores``, queries x candidates) with
-    ``model.match``. Returns (top-k candidate indices Q x k, their VTM logits Q x k)."""
+    ``model.match``. Returns (top-k candidate indices Q x k, their VTM logits Q x k). Each rank
+    of a process group scores its block of the pairs; every rank gets all the logits."""
     num_queries, num_candidates = scores.shape
     k = min(int(k), num_candidates)
     top = scores.topk(k, dim=1).indices.cpu()
     query_index = torch.arange(num_queries).repeat_interleave(k)
     candidate_index = top.reshape(-1)
-    logits = torch.empty(num_queries * k, dtype=torch.float32)
+    mine = shard(len(query_index))
+    logits = torch.empty(mine.stop - mine.start, dtype=torch.float32)
     with evaluating(model):
-        for rows in progress(list(batches(len(query_index), batch_size)), desc,
+        for rows in progress(list(batches(mine.stop - mine.start, batch_size)), desc,
                              enabled=progress_bar):
-            query = move_features(query_feats.index(query_index[rows]), device)
-            candidate = move_features(candidate_feats.index(candidate_index[rows]), device)
+            pairs = slice(mine.start + rows.start, mine.start + rows.stop)
+            query = move_features(query_feats.index(query_index[pairs]), device)
+            candidate = move_features(candidate_feats.index(candidate_index[pairs]), device)
             video, text = (candidate, query) if queries_are_texts else (query, candidate)
             out = model.match(video, text)
             if out.shape != (rows.stop - rows.start,):
                 raise ValueError(f"model.match must return one logit per pair (shape B), got "
                                  f"{tuple(out.shape)}")
             logits[rows] = out.float().cpu()
-    return top, logits.view(num_queries, k)
+    return top, gather_rows(logits, len(query_index)).view(num_queries, k)
 
 
 def reranked_scores(scores: torch.Tensor, top: torch.Tensor, logits: torch.Tensor
