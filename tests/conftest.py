@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,16 @@ from leanvl.data.video import write_video
 # Tiny models gain nothing from intra-op threads, and when the cores are busy (DataLoader
 # workers, other processes) OpenMP spin-waiting makes small matmuls orders of magnitude slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state():
+    """Every test starts from the same global RNG state: torch's initial seed differs between
+    processes, so a test that builds a model before seeding would otherwise pass or fail by
+    chance, or by which tests ran before it."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 def ramp_frames(num_frames: int = 8, height: int = 32, width: int = 48, offset: int = 0) -> np.ndarray:
