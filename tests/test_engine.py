@@ -209,8 +209,8 @@ def test_retrieval_split_over_two_ranks_equals_one_process(tmp_path):
         for name, scores in single["scores"].items():
             torch.testing.assert_close(torch.tensor(rank["scores"][name]),
                                        torch.tensor(scores), atol=1e-5, rtol=0, msg=name)
-        assert rank["bf16"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
-        assert rank["bool"] == [[False] * 3, [True] * 3]
+        assert rank["bf16"] == torch.arange(15.0).reshape(5, 3).tolist()
+        assert rank["bool"] == (torch.arange(15).reshape(5, 3) > 7).tolist()
 
 
 def test_gradient_accumulation_equals_large_batch(tmp_path):

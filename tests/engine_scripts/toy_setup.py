@@ -189,7 +189,7 @@ def run_toy_eval(out: str | Path) -> dict[str, Any]:
     rank writes ``out/rank{r}.json``: metrics, score matrices and what it encoded."""
     from leanvl.config import EvalConfig
     from leanvl.engine import distributed
-    from leanvl.tasks.common import gather_rows
+    from leanvl.tasks.common import gather_rows, shard
     from leanvl.tasks.retrieval import evaluate_retrieval
 
     distributed.init_distributed("gloo")
@@ -198,10 +198,10 @@ def run_toy_eval(out: str | Path) -> dict[str, Any]:
                                 batch_size=2, progress_bar=False, return_scores=True)
     scores = result.pop("scores")
     rank, world = distributed.rank(), distributed.world_size()
-    # dtypes the features may have under autocast, and masks
-    mine = torch.arange(3 * world, dtype=torch.float32).reshape(-1, 3)[rank::world][:1]
-    halves = gather_rows(mine.to(torch.bfloat16), 2 if world == 2 else 1)
-    flags = gather_rows(mine > 2, 2 if world == 2 else 1)
+    # dtypes the features may have under autocast, and masks; one row per transfer
+    mine = torch.arange(15, dtype=torch.float32).reshape(5, 3)[shard(5)]
+    halves = gather_rows(mine.to(torch.bfloat16), 5, chunk_bytes=6)
+    flags = gather_rows(mine > 7, 5, chunk_bytes=1)
     summary = {"world_size": world, "counts": model.counts,
                "metrics": {k: v for k, v in result.items() if not k.startswith("seconds")},
                "scores": {k: v.tolist() for k, v in scores.items()},

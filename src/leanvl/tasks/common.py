@@ -89,35 +89,59 @@ def shard(count: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def gather_rows(tensor: torch.Tensor, count: int, pad_dim1: bool = False) -> torch.Tensor:
+def gather_rows(tensor: torch.Tensor, count: int, pad_dim1: bool = False,
+                chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
     """Every rank's ``tensor`` (its ``shard(count)`` rows) concatenated in rank order: all
-    ``count`` rows, on every rank, on ``tensor``'s device. With ``pad_dim1`` the ranks' dim 1
-    may differ and is zero-padded to the longest (text padded to its longest caption). A no-op
-    without sharding."""
+    ``count`` rows, on every rank, on ``tensor``'s device. Dims after the first must agree
+    across ranks, except dim 1 with ``pad_dim1`` (text padded to its longest caption), which is
+    zero-padded to the longest. A no-op without sharding.
+
+    Rows travel ``chunk_bytes`` per rank at a time, which bounds the extra memory; with NCCL,
+    which moves CUDA tensors only, features kept on the CPU are never all on the GPU at once.
+    """
     import torch.distributed as dist
 
     sizes = shard_sizes(count)
     if len(sizes) == 1:
         return tensor
-    if tensor.shape[0] != sizes[_group()[1]]:
+    _, rank = _group()
+    if tensor.shape[0] != sizes[rank]:
         raise ValueError(f"gather_rows: this rank holds {tensor.shape[0]} rows, its shard of "
-                         f"{count} is {sizes[_group()[1]]}")
-    comm = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-    part = tensor.to(comm)
-    if part.dtype == torch.bool:  # not every backend reduces or gathers bool
-        part = part.to(torch.uint8)
-    if pad_dim1 and part.dim() >= 2:
-        length = torch.tensor([part.shape[1]], device=comm)
-        dist.all_reduce(length, op=dist.ReduceOp.MAX)
-        part = _pad_length(part, int(length))
+                         f"{count} is {sizes[rank]}")
+    if dist.get_backend() == "nccl":
+        from leanvl.engine.distributed import select_device
+
+        comm = tensor.device if tensor.is_cuda else select_device()
+    else:
+        comm = torch.device("cpu")
+    # every rank learns every rank's trailing shape, so all of them raise (or pad) alike
+    shape = torch.tensor([tensor.dim(), *tensor.shape[1:]] + [0] * (8 - tensor.dim()),
+                         device=comm)
+    shapes = [torch.empty_like(shape) for _ in sizes]
+    dist.all_gather(shapes, shape)
+    shapes = [tuple(s[1:int(s[0])].tolist()) for s in shapes]
+    if pad_dim1 and tensor.dim() >= 2:
+        length = max(s[0] for s in shapes)
+        shapes = [(length, *s[1:]) for s in shapes]
+        tensor = _pad_length(tensor, length)
+    if len(set(shapes)) > 1:
+        raise ValueError(f"gather_rows: the ranks' rows have different shapes {shapes}; a "
+                         "model must return the same number of tokens for every clip")
+    part = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
     rows = max(sizes)
     if part.shape[0] < rows:
         part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-    out = [torch.empty_like(part) for _ in sizes]
-    dist.all_gather(out, part.contiguous())
-    return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)]).to(tensor.device,
-                                                                         tensor.dtype)
+    row_bytes = max(1, part[:1].numel() * part.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    pieces: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for start in range(0, rows, step):
+        block = part[start:start + step].to(comm).contiguous()
+        received = [torch.empty_like(block) for _ in sizes]
+        dist.all_gather(received, block)
+        for mine, got, size in zip(pieces, received, sizes, strict=True):
+            if start < size:
+                mine.append(got[:size - start].to(tensor.device))
+    return torch.cat([piece for rank_pieces in pieces for piece in rank_pieces]).to(tensor.dtype)
 
 
 def gather_features(features: Features, count: int) -> Features:
@@ -136,11 +160,14 @@ def move_features(features: Features, device: torch.device | str | None,
     to ``dtype`` when given."""
     if device is None and dtype is None:
         return features
+    # asynchronous copies only towards a GPU: a non-blocking copy to the CPU may still be in
+    # flight when the CPU reads the result
+    non_blocking = device is not None and torch.device(device).type == "cuda"
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        return tensor.to(device, non_blocking=True) if device is not None else tensor
+        return tensor.to(device, non_blocking=non_blocking) if device is not None else tensor
 
     return map_features(features, move)
 

@@ -2,7 +2,8 @@
 
 1. Encode every video once (``model.encode_video``) and every caption once
    (``model.encode_text``); ``encode_videos`` / ``encode_texts`` are public so other code can
-   cache features (e.g. a mixed-stream Perceiver-VL reusing its latents).
+   cache features (e.g. a mixed-stream Perceiver-VL reusing its latents); under a process
+   group every rank must call them (see "Distributed" below).
 2. Dual-encoder scores ``model.similarity`` for all pairs, computed ``chunk_size`` x
    ``chunk_size`` blocks at a time so memory stays bounded.
 3. For each text, the top ``rerank_k`` videos by dual score are re-scored by the cross-encoder
