@@ -197,3 +197,27 @@ def test_negative_captions_join_vtc_and_vtm_as_negatives_of_their_clip():
     assert pairs == [(4, 4)] * 3 + [(2, 2)]  # (clip 1, its false caption), (clip 3, ...)
     assert losses["vtc"] > plain["vtc"]  # more columns in each video's softmax
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_centred_uta_targets_ignore_what_a_clip_shares(center):
+    # a teacher vector added to every token of a clip changes nothing once targets are centred
+    from leanvl.models.teachers import TeacherOutput
+
+    torch.manual_seed(0)
+    model = create_model("umt_tiny", stage=1, uta_center=center, mask_type="random", **TEACHER)
+    video = torch.randn(2, 2, 3, 32, 32)
+    plain = model.teacher.forward
+    shift = 5 * torch.randn(2, 1, model.teacher.out_dim)
+
+    def uta(shifted: bool) -> torch.Tensor:
+        def forward(frames):
+            output = plain(frames)
+            return TeacherOutput([t + shift for t in output.layers] if shifted else output.layers,
+                                 output.attention)
+        model.teacher.forward = forward
+        torch.manual_seed(1)  # the same random mask
+        return model.pretrain_losses({"video": video})["uta"]
+
+    same = torch.allclose(uta(False), uta(True), atol=1e-5)
+    assert same == center

@@ -49,7 +49,7 @@ class UMT(VideoLanguageModel):
                  mlm_ratio: float = 0.5, temperature: float = 0.07,
                  input_mean: Sequence[float] = CLIP_MEAN, input_std: Sequence[float] = CLIP_STD,
                  text_pretrained: str = "", special_ids: dict[str, int] | None = None,
-                 text_vocab_ids: Sequence[int] | None = None):
+                 text_vocab_ids: Sequence[int] | None = None, uta_center: bool = False):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -58,6 +58,9 @@ class UMT(VideoLanguageModel):
         self.stage, self.mask_type = stage, mask_type
         self.video_mask_ratio, self.image_mask_ratio = video_mask_ratio, image_mask_ratio
         self.mlm_ratio = mlm_ratio
+        # UTA targets minus each clip's mean target token: off in UMT; for a weak teacher whose
+        # tokens share one dominant direction (the CPU demo's stand-in, see docs/umt.md)
+        self.uta_center = bool(uta_center)
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
         self.video_encoder = VideoViT(**vision)
         self.video_dim = self.video_encoder.dim
@@ -170,6 +173,8 @@ class UMT(VideoLanguageModel):
                                                              return_layers=self.uta_layers)
         if targets is None:
             return tokens, mask, None
+        if self.uta_center:
+            targets = [t - t.mean(dim=1, keepdim=True) for t in targets]
         if mask is not None:
             keep = ~mask
             targets = [t[keep].reshape(t.shape[0], -1, t.shape[-1]) for t in targets]
