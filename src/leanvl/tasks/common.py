@@ -12,16 +12,10 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from leanvl.engine import distributed
 from leanvl.models.base import TextFeatures, VideoFeatures, feature_fields, map_features
 
 Features = TypeVar("Features", VideoFeatures, TextFeatures)
-
-
-def is_main_process() -> bool:
-    """True on rank 0, or when torch.distributed is not initialised."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: bool = True
@@ -30,7 +24,7 @@ def progress(iterable: Iterable, desc: str, total: int | None = None, enabled: b
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False,
-                disable=not (enabled and is_main_process()))
+                disable=not (enabled and distributed.is_main()))
 
 
 @contextlib.contextmanager
@@ -53,27 +47,18 @@ def eval_loader(dataset: Dataset, collate, batch_size: int, num_workers: int = 0
                       pin_memory=torch.cuda.is_available())
 
 
-def batches(count: int, size: int) -> Iterator[slice]:
-    """Consecutive slices covering ``range(count)``, ``size`` at a time."""
+def batches(stop: int, size: int, start: int = 0) -> Iterator[slice]:
+    """Consecutive slices covering ``range(start, stop)``, ``size`` at a time."""
     size = max(1, int(size))
-    for start in range(0, count, size):
-        yield slice(start, min(start + size, count))
-
-
-def _group() -> tuple[int, int]:
-    """(world size, rank) of the active process group; (1, 0) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    for first in range(start, stop, size):
+        yield slice(first, min(first + size, stop))
 
 
 def shard_sizes(count: int) -> list[int]:
     """How many of ``count`` rows each rank handles: contiguous blocks whose sizes differ by at
     most one; ``[count]`` without a process group or when there are fewer rows than ranks
     (every rank then handles all of them)."""
-    world, _ = _group()
+    world = distributed.world_size()
     if world == 1 or count < world:
         return [count]
     return [(r + 1) * count // world - r * count // world for r in range(world)]
@@ -84,7 +69,7 @@ def shard(count: int) -> slice:
     sizes = shard_sizes(count)
     if len(sizes) == 1:
         return slice(0, count)
-    _, rank = _group()
+    rank = distributed.rank()
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
 
@@ -104,14 +89,12 @@ def gather_rows(tensor: torch.Tensor, count: int, pad_dim1: bool = False,
     sizes = shard_sizes(count)
     if len(sizes) == 1:
         return tensor
-    _, rank = _group()
+    rank = distributed.rank()
     if tensor.shape[0] != sizes[rank]:
         raise ValueError(f"gather_rows: this rank holds {tensor.shape[0]} rows, its shard of "
                          f"{count} is {sizes[rank]}")
     if dist.get_backend() == "nccl":
-        from leanvl.engine.distributed import select_device
-
-        comm = tensor.device if tensor.is_cuda else select_device()
+        comm = tensor.device if tensor.is_cuda else distributed.select_device()
     else:
         comm = torch.device("cpu")
     # every rank learns every rank's trailing shape, so all of them raise (or pad) alike

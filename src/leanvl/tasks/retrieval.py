@@ -105,9 +105,9 @@ def encode_texts(model, texts: Sequence[str], text_encoder, device: torch.device
     mine = shard(len(texts))
     parts = []
     with evaluating(model):
-        for rows in progress(list(batches(mine.stop - mine.start, batch_size)), "encode texts",
+        for rows in progress(list(batches(mine.stop, batch_size, mine.start)), "encode texts",
                              enabled=progress_bar):
-            tokens = text_encoder(list(texts[mine.start + rows.start:mine.start + rows.stop]))
+            tokens = text_encoder(list(texts[rows]))
             feats = model.encode_text(tokens["text_ids"].to(device),
                                       tokens["text_mask"].to(device))
             parts.append(move_features(feats, feature_device))
@@ -124,8 +124,7 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
     out_device = text_feats.embedding.device
     mine = shard(num_texts)
     sim = torch.empty(mine.stop - mine.start, num_videos, dtype=torch.float32, device=out_device)
-    text_blocks = [slice(mine.start + rows.start, mine.start + rows.stop)
-                   for rows in batches(mine.stop - mine.start, chunk_size)]
+    text_blocks = list(batches(mine.stop, chunk_size, mine.start))
     compute_device = torch.device(device) if device is not None else out_device
     # float32 scores: under bf16 autocast, cosine/temperature values near 10 are rounded to
     # steps of 1/16, and the (pessimistic) tie rule would then rank many true matches low
@@ -157,19 +156,18 @@ def rerank(model, query_feats, candidate_feats, scores: torch.Tensor, k: int,
     query_index = torch.arange(num_queries).repeat_interleave(k)
     candidate_index = top.reshape(-1)
     mine = shard(len(query_index))
-    logits = torch.empty(mine.stop - mine.start, dtype=torch.float32)
+    logits = torch.empty(mine.stop - mine.start, dtype=torch.float32)  # this rank's pairs
     with evaluating(model):
-        for rows in progress(list(batches(mine.stop - mine.start, batch_size)), desc,
+        for rows in progress(list(batches(mine.stop, batch_size, mine.start)), desc,
                              enabled=progress_bar):
-            pairs = slice(mine.start + rows.start, mine.start + rows.stop)
-            query = move_features(query_feats.index(query_index[pairs]), device)
-            candidate = move_features(candidate_feats.index(candidate_index[pairs]), device)
+            query = move_features(query_feats.index(query_index[rows]), device)
+            candidate = move_features(candidate_feats.index(candidate_index[rows]), device)
             video, text = (candidate, query) if queries_are_texts else (query, candidate)
             out = model.match(video, text)
             if out.shape != (rows.stop - rows.start,):
                 raise ValueError(f"model.match must return one logit per pair (shape B), got "
                                  f"{tuple(out.shape)}")
-            logits[rows] = out.float().cpu()
+            logits[rows.start - mine.start:rows.stop - mine.start] = out.float().cpu()
     return top, gather_rows(logits, len(query_index)).view(num_queries, k)
 
 
