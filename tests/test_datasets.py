@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from leanvl.config import DataConfig
-from leanvl.data.annotations import write_annotations
+from leanvl.data.annotations import AnnotationError, write_annotations
 from leanvl.data.datasets import (
     BadSampleTracker,
     ClassificationDataset,
@@ -140,6 +140,23 @@ def test_negative_captions_are_drawn_in_training_and_batched_with_their_owner(cl
     # evaluation never sees them; batches without any have no negative keys
     assert "negative_caption" not in VideoTextDataset(anno, root, train=False, **SMALL)[1]
     assert "negative_owner" not in Collator(text)([train[0], train[2]])
+
+
+def test_reversal_flags_are_batched_in_training_only(clip_folder, text):
+    root, _ = clip_folder
+    anno = write_annotations([{"video": f"clip{i}.mp4", "caption": f"clip {i} rises",
+                               "reversal_negative": i in (1, 2)} for i in range(4)],
+                             root / "reversal.json")
+    train = VideoTextDataset(anno, root, train=True, **SMALL)
+    assert [train[i]["reversal_negative"] for i in range(4)] == [False, True, True, False]
+    assert Collator(text)([train[i] for i in range(4)])["reversal_negative"].tolist() == \
+        [False, True, True, False]
+    assert "reversal_negative" not in Collator(text)([train[0], train[3]])
+    assert "reversal_negative" not in VideoTextDataset(anno, root, train=False, **SMALL)[1]
+    with pytest.raises(AnnotationError, match="record 0: field 'reversal_negative': must be "
+                                              "true or false"):
+        write_annotations([{"video": "clip0.mp4", "caption": "c", "reversal_negative": "yes"}],
+                          root / "bad.json")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -56,6 +56,27 @@ def test_vtc_negative_texts_are_extra_video_to_text_columns():
                           vtc_loss(video, text, 0.1))
 
 
+def test_vtc_negative_videos_are_extra_text_to_video_columns():
+    torch.manual_seed(2)
+    video = F.normalize(torch.randn(4, 8), dim=-1)
+    text = F.normalize(torch.randn(4, 8), dim=-1)
+    backwards = F.normalize(torch.randn(2, 8), dim=-1)
+    false = F.normalize(torch.randn(3, 8), dim=-1)
+    logits = video @ text.t() / 0.1
+    wide_t2v = torch.cat([logits.t(), text @ backwards.t() / 0.1], dim=1)
+    wide_v2t = torch.cat([logits, video @ false.t() / 0.1], dim=1)
+    expected = (F.cross_entropy(wide_v2t, torch.arange(4))
+                + F.cross_entropy(wide_t2v, torch.arange(4))) / 2
+    both = vtc_loss(video, text, 0.1, negative_text=false, negative_video=backwards)
+    assert torch.allclose(both, expected)
+    assert torch.allclose(vtc_loss(video, text, 0.1, ids=torch.arange(4), negative_text=false,
+                                   negative_video=backwards), expected)
+    # a reversed clip that looks like the caption's own clip raises the loss
+    assert vtc_loss(video, text, 0.1, negative_video=text[:2]) > vtc_loss(video, text, 0.1)
+    assert torch.allclose(vtc_loss(video, text, 0.1, negative_video=backwards[:0]),
+                          vtc_loss(video, text, 0.1))
+
+
 def test_hard_negatives_never_positive_and_prefer_similar():
     generator = torch.Generator().manual_seed(0)
     sim = torch.zeros(4, 4)

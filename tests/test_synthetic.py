@@ -143,6 +143,23 @@ def test_pretrain_clips_with_motion_carry_captions_of_their_reversal(bench):
     assert 0 < with_negatives < cfg.pretrain_clips
 
 
+def test_pretrain_clips_say_whether_their_reversal_contradicts_them(bench):
+    cfg, _, out = bench
+    assert not any("reversal_negative" in r for r in records(out, "pretrain"))  # opt-in
+    held = [tuple(p) for p in json.loads((out / "summary.json").read_text())["held_out_combos"]]
+    flagged_cfg = dataclasses.replace(cfg, reversal_negatives=True)
+    flags = []
+    for index in range(cfg.pretrain_clips):
+        spec, written = synth.clip_records(flagged_cfg, "pretrain", index, held)
+        flag = written["pretrain"]["reversal_negative"]
+        # true exactly when the reversed scene's captions differ from the clip's
+        reversed_captions = synth._captions(spec.reversed(), np.random.default_rng(index), 1)
+        captions = synth._captions(spec, np.random.default_rng(index), 1)
+        assert flag == bool(spec.temporal_facts()) == (reversed_captions != captions)
+        flags.append(flag)
+    assert any(flags) and not all(flags)
+
+
 def test_static_mc_distractors_change_one_single_frame_fact(bench):
     _, _, out = bench
     items = [r for r in records(out, "mc_test") if r["kind"] == "static"]

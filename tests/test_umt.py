@@ -199,6 +199,59 @@ def test_negative_captions_join_vtc_and_vtm_as_negatives_of_their_clip():
     sum(losses.values()).backward()
 
 
+def test_reversed_clips_join_vtc_and_vtm_as_negatives_of_their_captions():
+    # clips 0 and 2 are flagged: each is played backwards through the student with the visible
+    # patches of the forward clip, then scored against its own caption as a negative
+    model = create_model("umt_tiny", stage=2, mask_type="random").eval()  # no dropout
+    batch = {**_batch(frames=3), "reversal_negative": torch.tensor([True, False, True, False])}
+    seen = []
+    original_match, original_encoder = model.match, model.video_encoder.forward
+
+    def match(video, text):
+        seen.append((video.tokens.detach().clone(), text.tokens.detach().clone()))
+        return original_match(video, text)
+
+    def encoder(video, mask=None):
+        seen.append(("encoder", video.clone(), None if mask is None else mask.clone()))
+        return original_encoder(video, mask)
+
+    model.match, model.video_encoder.forward = match, encoder
+    torch.manual_seed(0)
+    plain = model.pretrain_losses({k: v for k, v in batch.items() if k != "reversal_negative"})
+    seen.clear()
+    torch.manual_seed(0)
+    losses = model.pretrain_losses(batch)
+    (_, backwards, mask), *matches = seen
+    assert torch.equal(backwards, batch["video"][[0, 2]].flip(1))
+    # the forward step's mask of clips 0 and 2, frame order reversed
+    torch.manual_seed(0)
+    forward_mask = model.make_mask(batch["video"], None)[[0, 2]]
+    assert torch.equal(mask, forward_mask.reshape(2, 3, -1).flip(1).reshape(2, -1))
+    assert len(matches) == 4
+    reversed_video, captions = matches[3]
+    expected = original_encoder(backwards, mask)
+    torch.testing.assert_close(reversed_video, expected)
+    text = model.encode_text(batch["text_ids"][[0, 2]], batch["text_mask"][[0, 2]])
+    torch.testing.assert_close(captions, text.tokens)
+    assert losses["vtc"] > plain["vtc"]  # two more columns in each caption's softmax
+    assert losses["vtm"] != plain["vtm"]
+    sum(losses.values()).backward()
+    # images (one-frame videos) have no reversal, whatever the flags say
+    seen.clear()
+    image_batch = {**_batch(frames=1), "reversal_negative": torch.ones(4, dtype=torch.bool)}
+    model.pretrain_losses(image_batch)
+    assert len(seen) == 3  # three VTM calls, no clip played backwards
+
+
+def test_reverse_mask_reverses_time_steps():
+    from leanvl.masking import reverse_mask
+
+    mask = torch.tensor([[1, 0, 0, 0, 1, 1]], dtype=torch.bool)  # 3 steps of 2 patches
+    assert reverse_mask(mask, 3).tolist() == [[True, True, False, False, True, False]]
+    with pytest.raises(ValueError, match="T=4"):
+        reverse_mask(mask, 4)
+
+
 @pytest.mark.parametrize("center", [True, False])
 def test_centred_uta_targets_ignore_what_a_clip_shares(center):
     # a teacher vector added to every token of a clip changes nothing once targets are centred

@@ -52,6 +52,7 @@ class SynthConfig:
     crf: int = 20
     captions_per_clip: int = 3  # distinct captions per pre-training clip
     negative_captions: bool = False  # pre-training clips with motion: captions of their reversal
+    reversal_negatives: bool = False  # pre-training clips with motion: their reversal is false
 
 
 @dataclass

@@ -32,13 +32,16 @@ def _rank_offset(local: int) -> int:
 
 def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
              temperature: torch.Tensor | float, ids: torch.Tensor | None = None,
-             negative_text: torch.Tensor | None = None) -> torch.Tensor:
+             negative_text: torch.Tensor | None = None,
+             negative_video: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between normalised video and text embeddings, over the global batch.
 
     ``ids`` (one per pair, e.g. the video index) marks pairs sharing a video as positives too,
     with the target spread evenly over them; without it the diagonal is the only positive.
     ``negative_text`` (N x D, this rank's hard-negative captions, e.g. of time-reversed clips)
-    adds N columns that are negatives for every video in the video-to-text direction.
+    adds N columns that are negatives for every video in the video-to-text direction;
+    ``negative_video`` (M x D, this rank's hard-negative clips, e.g. its clips played backwards)
+    adds M columns that are negatives for every text in the text-to-video direction.
     """
     all_video = gather_with_grad(video_embedding)
     all_text = gather_with_grad(text_embedding)
@@ -52,7 +55,12 @@ def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
         all_ids = gather_with_grad(ids)
         positives = (ids.view(-1, 1) == all_ids.view(1, -1)).float()
     target = positives / positives.sum(dim=1, keepdim=True)
-    loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * target).sum(dim=1).mean()
+    target_t2v = target
+    if negative_video is not None and negative_video.shape[0]:
+        logits_t2v = torch.cat([logits_t2v, text_embedding @ negative_video.t() / temperature],
+                               dim=1)
+        target_t2v = F.pad(target, (0, negative_video.shape[0]))
+    loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * target_t2v).sum(dim=1).mean()
     if negative_text is not None and negative_text.shape[0]:
         logits_v2t = torch.cat([logits_v2t, video_embedding @ negative_text.t() / temperature],
                                dim=1)

@@ -80,6 +80,14 @@ def semantic_mask(attention: torch.Tensor, ratio: float,
     return mask.reshape(B, T * P)
 
 
+def reverse_mask(mask: torch.Tensor, time_steps: int) -> torch.Tensor:
+    """The mask of the same clips played backwards: B x T*P with its T time steps reversed, so
+    the reversed clip shows exactly the patches the original showed."""
+    if mask.dim() != 2 or mask.shape[1] % time_steps:
+        raise ValueError(f"mask must be B x T*P with T={time_steps}, got shape {tuple(mask.shape)}")
+    return mask.reshape(mask.shape[0], time_steps, -1).flip(1).reshape(mask.shape[0], -1)
+
+
 def _block_frame(rng: random.Random, height: int, width: int, count: int, min_patches: int,
                  log_aspect: tuple[float, float], max_attempts: int = 10) -> np.ndarray:
     """One frame of BEiT block-wise masking, topped up to exactly ``count`` masked patches."""

@@ -9,7 +9,9 @@ Formats (one record per clip or per item; ``start``/``end`` in seconds are optio
 - ``image``: ``{"image": path, "caption": str | [str]}``
 
 Retrieval and image records may add ``"negative_caption": str | [str]``: captions known to be
-false for the clip (e.g. those of its time reversal), used in training as hard negatives.
+false for the clip (e.g. those of its time reversal), used in training as hard negatives; and
+video records ``"reversal_negative": bool``: true when the clip played backwards contradicts its
+captions, so that training may use the reversed clip as a hard negative.
 Extra keys are kept untouched, so converters and the synthetic benchmark may add metadata.
 """
 
@@ -87,6 +89,9 @@ def validate_record(record: Any, kind: str | None = None, path: str = "<memory>"
                 isinstance(negative, list) and negative and all(_is_text(c) for c in negative))):
             fail("negative_caption", "must be a non-empty string or a non-empty list of "
                  f"non-empty strings, got {negative!r}")
+        reversal = record.get("reversal_negative")
+        if reversal is not None and not isinstance(reversal, bool):
+            fail("reversal_negative", f"must be true or false, got {reversal!r}")
     elif kind == "qa":
         for field in ("question", "answer"):
             if field not in record:

@@ -72,6 +72,9 @@ class SampleBuilder:
                 negatives = captions_of(record, "negative_caption")
                 sample["negative_caption"] = \
                     negatives[int(rng.integers(len(negatives)))] if negatives else None
+                # the clip played backwards contradicts its captions (only videos can be)
+                sample["reversal_negative"] = bool(record.get("reversal_negative", False)) \
+                    and "image" not in record
         elif self.kind == "qa":
             sample["question"], sample["answer"] = record["question"], record["answer"]
             if self.answer_index is not None:
@@ -236,6 +239,9 @@ class Collator:
                 encoded = self._encode(batch["negative_caption"])
                 batch["negative_text_ids"] = encoded["text_ids"]
                 batch["negative_text_mask"] = encoded["text_mask"]
+            if any(s.get("reversal_negative") for s in samples):
+                batch["reversal_negative"] = torch.tensor([bool(s.get("reversal_negative"))
+                                                           for s in samples])
         if "question" in first:
             batch["question"] = [s["question"] for s in samples]
             batch["answer"] = [s["answer"] for s in samples]

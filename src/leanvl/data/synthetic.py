@@ -922,6 +922,9 @@ def clip_records(cfg: SynthConfig, split: str, index: int,
             # apart takes the order of its frames (hard negatives for training)
             records[split]["negative_caption"] = _captions(
                 spec.reversed(), _clip_rng(cfg, split, index, _NEGATIVE), count)
+        if split == "pretrain" and cfg.reversal_negatives:
+            # whether the clip played backwards contradicts its captions (a negative in training)
+            records[split]["reversal_negative"] = bool(spec.temporal_facts())
         qa = _questions(spec, _clip_rng(cfg, split, index, _QA), cfg.qa_per_clip,
                         avoid=held if split in TRAIN_SPLITS else frozenset())
         records["qa_train" if split == "pretrain" else "qa_test"] = [{"video": video, **q}

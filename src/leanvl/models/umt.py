@@ -20,7 +20,7 @@ from torch import nn
 from leanvl.config import CLIP_MEAN, CLIP_STD
 from leanvl.engine.precision import full_precision
 from leanvl.losses import mlm_loss, sample_hard_negatives, uta_loss, vtc_loss, vtm_loss
-from leanvl.masking import random_mask, semantic_mask, tube_mask
+from leanvl.masking import random_mask, reverse_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
@@ -181,6 +181,23 @@ class UMT(VideoLanguageModel):
         aligned = [head(layer) for head, layer in zip(self.uta_heads, layers, strict=True)]
         return tokens, mask, uta_loss(aligned, targets)
 
+    def _reversed_clips(self, video: torch.Tensor, mask: torch.Tensor | None,
+                        flags: torch.Tensor | None
+                        ) -> tuple[torch.Tensor | None, VideoFeatures | None]:
+        """The flagged clips of the batch played backwards, through the student with the same
+        visible patches (the step's mask reversed in time): (their batch positions, features),
+        or (None, None) when no clip is flagged or the batch is of images."""
+        if flags is None or video.dim() != 5 or video.shape[1] < 2:
+            return None, None
+        owner = flags.to(video.device).nonzero().squeeze(1)
+        if owner.numel() == 0:
+            return None, None
+        backwards = video.index_select(0, owner).flip(1)
+        if mask is not None:
+            time = self.video_encoder.patch_embed.grid(*video.shape[1:2], *video.shape[-2:])[0]
+            mask = reverse_mask(mask.index_select(0, owner), time)
+        return owner, self._video_features(self.video_encoder(backwards, mask))
+
     def teacher_input(self, video: torch.Tensor) -> torch.Tensor:
         """Frames for the teacher: its normalisation, resized so that its token grid equals the
         student's (a CLIP-L/14 teacher of a 16-pixel-patch student sees 224 -> 196 pixels)."""
@@ -200,7 +217,7 @@ class UMT(VideoLanguageModel):
             raise ValueError("UMT stage 1 pre-training distils from a teacher: set teacher= to a "
                              "CLIP weights file (or a size name for random weights)")
         video = batch["video"]
-        tokens, _, uta = self._distill(video)
+        tokens, mask, uta = self._distill(video)
         losses: dict[str, torch.Tensor] = {}
         if uta is not None:
             losses["uta"] = uta
@@ -214,11 +231,15 @@ class UMT(VideoLanguageModel):
         # captions the records mark as false for their clip (e.g. of the time-reversed clip)
         false_text = self.encode_text(batch["negative_text_ids"], batch["negative_text_mask"]) \
             if "negative_text_ids" in batch else None
-        losses["vtc"] = vtc_loss(video_feats.embedding, text_feats.embedding, self.temperature,
-                                 ids=pair_ids,
-                                 negative_text=None if false_text is None else false_text.embedding)
+        # clips the records mark as false for their captions when played backwards
+        reversed_owner, reversed_feats = self._reversed_clips(video, mask,
+                                                              batch.get("reversal_negative"))
+        losses["vtc"] = vtc_loss(
+            video_feats.embedding, text_feats.embedding, self.temperature, ids=pair_ids,
+            negative_text=None if false_text is None else false_text.embedding,
+            negative_video=None if reversed_feats is None else reversed_feats.embedding)
         # VTM: B positives, B (video, hard text) and B (hard video, text) negatives, plus each
-        # record's own false captions.
+        # record's own false captions and its caption with the clip played backwards.
         similarity = (video_feats.embedding @ text_feats.embedding.t()).detach()
         negative_text, negative_video = sample_hard_negatives(similarity, ids=pair_ids)
         positive = self.match(video_feats, text_feats)
@@ -226,6 +247,8 @@ class UMT(VideoLanguageModel):
                      self.match(video_feats.index(negative_video), text_feats)]
         if false_text is not None:
             negatives.append(self.match(video_feats.index(batch["negative_owner"]), false_text))
+        if reversed_feats is not None:
+            negatives.append(self.match(reversed_feats, text_feats.index(reversed_owner)))
         losses["vtm"] = vtm_loss(positive, torch.cat(negatives))
         # MLM: masked caption tokens predicted from the fused (text, video) features.
         special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
