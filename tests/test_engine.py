@@ -26,6 +26,7 @@ from leanvl.engine.trainer import NonFiniteLossError, Trainer
 from tests.engine_scripts.toy_setup import (
     ToyDataset,
     ToyModel,
+    ToyTasks,
     collate,
     run_ddp_toy,
     run_toy_eval,
@@ -190,8 +191,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                                    atol=1e-5, rtol=0, msg=name)
 
 
-def test_retrieval_split_over_two_ranks_equals_one_process(tmp_path):
-    # 7 clips and 13 captions of different lengths: uneven blocks, padded text gathered
+def test_evaluation_split_over_two_ranks_equals_one_process(tmp_path):
+    # retrieval: 7 clips and 13 captions of different lengths: uneven blocks, padded text gathered
     launched = _torchrun("ddp_eval.py", tmp_path / "ddp")
     try:
         single = run_toy_eval(tmp_path / "single")
@@ -211,6 +212,28 @@ def test_retrieval_split_over_two_ranks_equals_one_process(tmp_path):
                                        torch.tensor(scores), atol=1e-5, rtol=0, msg=name)
         assert rank["bf16"] == torch.arange(15.0).reshape(5, 3).tolist()
         assert rank["bool"] == (torch.arange(15).reshape(5, 3) > 7).tolist()
+        # multiple choice (3 and 4 options), QA, classification by views, the linear probe
+        for task, metrics in single["tasks"].items():
+            theirs = rank["tasks"][task]
+            assert theirs.keys() == metrics.keys(), task
+            for key, value in metrics.items():
+                if key == "scores":
+                    for row, expected in zip(theirs[key], value, strict=True):
+                        torch.testing.assert_close(torch.tensor(row), torch.tensor(expected))
+                elif isinstance(value, float):
+                    assert theirs[key] == pytest.approx(value, abs=1e-6), (task, key)
+                else:  # counts, predicted options, answers and classes
+                    assert theirs[key] == value, (task, key)
+    mc, qa = single["tasks"]["mc"], single["tasks"]["qa"]
+    assert mc["num_items"] == 7 and mc["num_items/even"] == 4
+    assert [len(row) for row in mc["scores"]] == [3] * 6 + [4]
+    assert qa["num_items"] == 7 and qa["num_out_of_vocabulary"] == 1
+    assert len(qa["predictions"]) == 7 and set(qa["predictions"]) <= set(ToyTasks.ANSWERS)
+    assert single["tasks"]["classify"]["num_items"] == 4  # 7 clips of 4 videos
+    assert single["tasks"]["probe"]["num_train"] == 7
+    # MC 7 + QA 7 + classify 7 + probe 7 + 5 clips in one process; each rank encoded its block
+    assert single["task_videos"] == 33
+    assert [r["task_videos"] for r in ranks] == [3 + 3 + 3 + 3 + 2, 4 + 4 + 4 + 4 + 3]
 
 
 def test_gradient_accumulation_equals_large_batch(tmp_path):

@@ -103,7 +103,7 @@ def retrieval_metrics(sim: torch.Tensor, text_to_video: Sequence[int] | torch.Te
     return metrics
 
 
-def _predictions(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def predicted_classes(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Predicted classes from class indices (1-D) or logits (2-D, pessimistic ties)."""
     outputs = torch.as_tensor(outputs)
     if outputs.dim() == 1:
@@ -135,7 +135,7 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor, ignore_index: int | N
     ``ignore_index`` names them, in which case those items are left out.
     """
     targets = torch.as_tensor(targets, dtype=torch.long)
-    preds = _predictions(torch.as_tensor(outputs).cpu(), targets.cpu())
+    preds = predicted_classes(torch.as_tensor(outputs).cpu(), targets.cpu())
     targets = targets.cpu()
     if preds.shape != targets.shape:
         raise ValueError(f"{preds.numel()} predictions for {targets.numel()} targets")
@@ -151,7 +151,7 @@ def mean_per_class_accuracy(outputs: torch.Tensor, targets: torch.Tensor,
                             num_classes: int | None = None) -> float:
     """Mean over the classes present in ``targets`` of each class's accuracy (%)."""
     targets = torch.as_tensor(targets, dtype=torch.long).cpu()
-    preds = _predictions(torch.as_tensor(outputs).cpu(), targets)
+    preds = predicted_classes(torch.as_tensor(outputs).cpu(), targets)
     classes = torch.unique(targets[targets >= 0])
     if num_classes is not None:
         classes = classes[classes < num_classes]

@@ -1,5 +1,6 @@
 """torchrun entry point: ``torchrun --nproc_per_node 2 ddp_eval.py OUT`` evaluates the toy
-retrieval model with the work split over the ranks; each rank writes OUT/rank{r}.json."""
+model (retrieval, MC, QA, classification, probe) with the work split over the ranks; each rank
+writes OUT/rank{r}.json."""
 
 import sys
 

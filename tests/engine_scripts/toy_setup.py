@@ -148,9 +148,36 @@ class ToyClips(Dataset):
         return [t for t, _ in pairs], [i for _, i in pairs]
 
 
+class ToyTasks(ToyClips):
+    """``ToyClips`` as multiple-choice items (3 options, the last item 4), questions with
+    answers from ``ANSWERS`` (one outside them) and 3-class labels, with two records per
+    ``video`` for averaging views; ``records`` carry each item's ``kind`` and ``video``."""
+
+    ANSWERS = ["red", "green", "blue", "left", "right"]
+
+    def __init__(self, task: str, n: int = 7):
+        super().__init__(n)
+        self.task = task
+        self.records = [{"kind": ("even", "odd")[i % 2], "video": f"video{i // 2}"}
+                        for i in range(n)]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = {"video": self.clips[index], "index": index}
+        if self.task == "mc":
+            count = 4 if index == len(self) - 1 else 3
+            sample.update(options=[f"option {j} of {index}" + " y" * j for j in range(count)],
+                          answer=index % count)
+        elif self.task == "qa":
+            sample.update(question=f"what is clip {index}?",
+                          answer=(self.ANSWERS + ["purple"])[index % 6])
+        else:
+            sample["label"] = index // 2 % 3  # the views of a video share it
+        return sample
+
+
 class ToyRetrievalModel(nn.Module):
-    """Frame tokens and character tokens, cosine similarity, a linear cross-encoder; counts the
-    clips, texts and pairs it is asked to encode or match."""
+    """Frame tokens and character tokens, cosine similarity, a linear cross-encoder and a
+    3-class head; counts the clips, texts and pairs it is asked to encode or match."""
 
     def __init__(self, dim: int = 8):
         super().__init__()
@@ -158,6 +185,7 @@ class ToyRetrievalModel(nn.Module):
         self.frames = nn.Linear(3 * 4 * 4, dim)
         self.chars = nn.Embedding(30, dim)
         self.head = nn.Linear(2 * dim, 1)
+        self.classes = nn.Linear(dim, 3)
         self.counts = {"videos": 0, "texts": 0, "pairs": 0}
 
     def encode_video(self, video: torch.Tensor):
@@ -183,13 +211,20 @@ class ToyRetrievalModel(nn.Module):
         words = (text.tokens * text.mask[..., None]).sum(1) / text.mask.sum(1, keepdim=True)
         return self.head(torch.cat([video.tokens.mean(1), words], dim=-1)).squeeze(-1)
 
+    def classify_logits(self, video: torch.Tensor) -> torch.Tensor:
+        return self.classes(self.encode_video(video).tokens.mean(1))
+
 
 def run_toy_eval(out: str | Path) -> dict[str, Any]:
-    """Retrieval (re-ranking the top 3) of the toy model on ``ToyClips`` on every rank; each
-    rank writes ``out/rank{r}.json``: metrics, score matrices and what it encoded."""
+    """Retrieval (re-ranking the top 3) of the toy model on ``ToyClips``, then multiple choice,
+    QA, classification and a linear probe on ``ToyTasks``, on every rank; each rank writes
+    ``out/rank{r}.json``: metrics, score matrices, predictions and what it encoded."""
     from leanvl.config import EvalConfig
     from leanvl.engine import distributed
+    from leanvl.tasks.classify import evaluate_classification, linear_probe
     from leanvl.tasks.common import gather_rows, shard
+    from leanvl.tasks.mc import evaluate_mc
+    from leanvl.tasks.qa import evaluate_qa
     from leanvl.tasks.retrieval import evaluate_retrieval
 
     distributed.init_distributed("gloo")
@@ -197,13 +232,32 @@ def run_toy_eval(out: str | Path) -> dict[str, Any]:
     result = evaluate_retrieval(model, ToyClips(), toy_tokenize, EvalConfig(rerank_k=3),
                                 batch_size=2, progress_bar=False, return_scores=True)
     scores = result.pop("scores")
+    counts = dict(model.counts)
+    # the other evaluations, each split over the ranks the same way
+    model.counts.update(videos=0)
+    tasks = {
+        "mc": evaluate_mc(model, ToyTasks("mc"), toy_tokenize, EvalConfig(mc_vtm_weight=0.7),
+                          batch_size=3, progress_bar=False, return_predictions=True),
+        "qa": evaluate_qa(model, ToyTasks("qa"), toy_tokenize,
+                          EvalConfig(qa_mode="rank", rerank_k=3), batch_size=2,
+                          answers=ToyTasks.ANSWERS, progress_bar=False, return_predictions=True),
+        "classify": evaluate_classification(model, ToyTasks("classify"), batch_size=2,
+                                            group_by="video", progress_bar=False,
+                                            return_predictions=True),
+        "probe": linear_probe(model, ToyTasks("classify"), ToyTasks("classify", n=5),
+                              batch_size=2, epochs=5, progress_bar=False,
+                              return_predictions=True),
+    }
+    task_videos = model.counts["videos"]
     rank, world = distributed.rank(), distributed.world_size()
     # dtypes the features may have under autocast, and masks; one row per transfer
     mine = torch.arange(15, dtype=torch.float32).reshape(5, 3)[shard(5)]
     halves = gather_rows(mine.to(torch.bfloat16), 5, chunk_bytes=6)
     flags = gather_rows(mine > 7, 5, chunk_bytes=1)
-    summary = {"world_size": world, "counts": model.counts,
+    summary = {"world_size": world, "counts": counts, "task_videos": task_videos,
                "metrics": {k: v for k, v in result.items() if not k.startswith("seconds")},
+               "tasks": {task: {k: v for k, v in metrics.items() if k != "seconds"}
+                         for task, metrics in tasks.items()},
                "scores": {k: v.tolist() for k, v in scores.items()},
                "bf16": halves.float().tolist(), "bool": flags.tolist()}
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ checkpoints). ``layer_id(name)`` gives each parameter's depth for layer-wise lr 
 embeddings, i + 1 for block i, ``num_layers + 1`` for the head.
 
 Evaluation: top-1 / top-5 / mean-per-class accuracy (%), optionally averaging the softmax over
-several clips (views) of one video (records sharing a ``video`` path). Distributed: every rank
-evaluates everything.
+several clips (views) of one video (records sharing a ``video`` path). Under a process group
+``evaluate_classification`` and ``extract_features`` are collectives: each rank encodes its
+block of the clips and every rank gets all rows.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from leanvl.models.base import VideoFeatures
 from leanvl.tasks.common import (
     eval_loader,
     evaluating,
+    gather_rows,
     has_method,
     progress,
+    shard_dataset,
     unwrap_model,
 )
 
@@ -146,17 +149,20 @@ class VideoClassifier(nn.Module):
 def extract_features(model, dataset, device: torch.device | str = "cpu", batch_size: int = 32,
                      num_workers: int = 0, source: str = "tokens", progress_bar: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen pooled features (N x D, float32, CPU) and labels (N) of a classification dataset."""
+    """Frozen pooled features (N x D, float32, CPU) and labels (N) of a classification dataset.
+    Under a process group each rank encodes its block and every rank gets all rows."""
     from leanvl.data.datasets import Collator
 
     features, labels = [], []
+    part, _ = shard_dataset(dataset)
     with evaluating(model):
-        for batch in progress(eval_loader(dataset, Collator(None), batch_size, num_workers),
+        for batch in progress(eval_loader(part, Collator(None), batch_size, num_workers),
                               "extract features", enabled=progress_bar):
             feats = model.encode_video(batch["video"].to(device))
             features.append(pool_features(feats, source).float().cpu())
             labels.append(batch["label"])
-    return torch.cat(features), torch.cat(labels)
+    count = len(dataset)
+    return gather_rows(torch.cat(features), count), gather_rows(torch.cat(labels), count)
 
 
 class LinearProbe(nn.Module):
@@ -244,15 +250,17 @@ def evaluate_classification(model, dataset, device: torch.device | str = "cpu",
                         "VideoClassifier")
     begin = time.perf_counter()
     outputs, labels, indices = [], [], []
+    part, _ = shard_dataset(dataset)  # under a process group, each rank classifies its block
     with evaluating(model):
-        for batch in progress(eval_loader(dataset, Collator(None), batch_size, num_workers),
+        for batch in progress(eval_loader(part, Collator(None), batch_size, num_workers),
                               "classify", enabled=progress_bar):
             outputs.append(model.classify_logits(batch["video"].to(device)).float().cpu())
             labels.append(batch["label"])
             indices.append(batch["index"])
-    logits, truth = torch.cat(outputs), torch.cat(labels)
+    count = len(dataset)
+    logits, truth = gather_rows(torch.cat(outputs), count), gather_rows(torch.cat(labels), count)
     if group_by is not None:
-        keys = [dataset.records[int(i)][group_by] for i in torch.cat(indices)]
+        keys = [dataset.records[int(i)][group_by] for i in gather_rows(torch.cat(indices), count)]
         logits, truth = _average_views(logits, truth, keys)
     results: dict[str, Any] = classification_metrics(logits, truth)
     results.update(num_items=int(len(truth)), seconds=time.perf_counter() - begin)

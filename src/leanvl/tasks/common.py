@@ -1,7 +1,7 @@
 """Pieces the evaluation tasks share: eval-mode context, progress bars on rank 0, a sequential
 loader, batching/concatenation of feature dataclasses, and the split of evaluation work over the
-ranks of a process group (``shard`` gives a rank its rows, ``gather_rows`` / ``gather_features``
-put every rank's rows back together in order)."""
+ranks of a process group (``shard`` / ``shard_dataset`` give a rank its rows, ``gather_rows`` /
+``gather_features`` put every rank's rows back together in order)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,18 @@ def shard(count: int) -> slice:
     rank = distributed.rank()
     start = sum(sizes[:rank])
     return slice(start, start + sizes[rank])
+
+
+def shard_dataset(dataset: Dataset) -> tuple[Dataset, slice]:
+    """This rank's block of an evaluation dataset (a ``Subset``, or the dataset itself when the
+    rank has all of it) and its slice of the dataset's indices. Samples keep their dataset
+    ``index``."""
+    from torch.utils.data import Subset
+
+    mine = shard(len(dataset))
+    if mine.stop - mine.start == len(dataset):
+        return dataset, mine
+    return Subset(dataset, range(mine.start, mine.stop)), mine
 
 
 def gather_rows(tensor: torch.Tensor, count: int, pad_dim1: bool = False,

@@ -12,8 +12,9 @@ computed), w = 0 by the dual encoder alone (``match`` is not called).
 
 Records carrying a ``kind`` key (the synthetic benchmark's ``temporal`` / ``static``) also get
 per-kind accuracy. An item whose correct option ties another for the best score counts as
-wrong (the pessimistic tie rule of ``leanvl.metrics``). Distributed: every rank evaluates
-everything.
+wrong (the pessimistic tie rule of ``leanvl.metrics``). Under a process group ``evaluate_mc``
+is a collective: each rank scores its block of the items and every rank returns the metrics
+of all of them.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from leanvl.metrics import topk_ranks
 from leanvl.models.base import TextFeatures, VideoFeatures
-from leanvl.tasks.common import eval_loader, evaluating, progress, unwrap_model
+from leanvl.tasks.common import (
+    eval_loader,
+    evaluating,
+    gather_rows,
+    progress,
+    shard_dataset,
+    unwrap_model,
+)
 
 
 def option_scores(model, video_feats: VideoFeatures, option_feats: TextFeatures,
@@ -69,9 +78,10 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"mc_vtm_weight must be in [0, 1], got {weight}")
     begin = time.perf_counter()
-    loader = eval_loader(dataset, Collator(text_encoder), batch_size or cfg_eval.batch_size,
+    part, _ = shard_dataset(dataset)  # under a process group, each rank scores its block
+    loader = eval_loader(part, Collator(text_encoder), batch_size or cfg_eval.batch_size,
                          num_workers)
-    indices, predictions, answers, all_scores = [], [], [], []
+    indices, predictions, hits, all_scores = [], [], [], []
     with evaluating(model):
         for batch in progress(loader, "multiple choice", enabled=progress_bar):
             ids, mask = batch["option_ids"], batch["option_mask"]
@@ -82,14 +92,13 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
             scores = option_scores(model, video_feats, option_feats, num_options, weight).cpu()
             all_scores.append(scores)
             predictions.append(scores.argmax(dim=1))
-            answers.append(batch["answer"])
+            # pessimistic ties (leanvl.metrics): a correct option tied for the top is a miss
+            hits.append(topk_ranks(scores, batch["answer"]) == 1)
             indices.append(batch["index"])
-    predicted = torch.cat(predictions)
-    truth = torch.cat(answers)
-    index = torch.cat(indices)
-    # pessimistic ties (leanvl.metrics): a correct option tied with another for the top is a miss
-    correct = torch.cat([topk_ranks(s, t) == 1 for s, t in
-                         zip(all_scores, truth.split([len(s) for s in all_scores]))])
+    count = len(dataset)
+    correct = gather_rows(torch.cat(hits), count)
+    predicted = gather_rows(torch.cat(predictions), count)
+    index = gather_rows(torch.cat(indices), count)
     results: dict[str, Any] = {"accuracy": float(correct.double().mean() * 100),
                                "num_items": int(len(correct))}
     kinds = [dataset.records[int(i)].get("kind") for i in index]
@@ -101,5 +110,9 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
     if return_predictions:
         results["predictions"] = predicted.tolist()
         # items may have different option counts across batches; keep per-item rows
-        results["scores"] = [row.tolist() for part in all_scores for row in part]
+        options = gather_rows(torch.tensor([s.shape[1] for s in all_scores for _ in s]), count)
+        width = max(s.shape[1] for s in all_scores)
+        padded = torch.cat([F.pad(s, (0, width - s.shape[1])) for s in all_scores])
+        scores = gather_rows(padded, count, pad_dim1=True)
+        results["scores"] = [row[:int(n)].tolist() for row, n in zip(scores, options, strict=True)]
     return results

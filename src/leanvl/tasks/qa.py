@@ -17,8 +17,9 @@ encoded once). Limitation: VTM was trained to judge captions, not question-answe
 this is a zero-shot stand-in until a model is fine-tuned that way; an autoregressive answer
 decoder like UMT's (generating and scoring answer tokens) is a follow-up.
 
-Distributed: every rank evaluates every question; the answer list is encoded once, split over
-the ranks (``retrieval.encode_texts``).
+Under a process group ``evaluate_qa`` is a collective: each rank answers its block of the
+questions, the answer list is encoded once, split over the ranks (``retrieval.encode_texts``),
+and every rank returns the metrics of all questions.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from leanvl.metrics import accuracy
+from leanvl.metrics import accuracy, predicted_classes
 from leanvl.models.base import TextFeatures, VideoFeatures
 from leanvl.tasks.common import (
     batches,
     eval_loader,
     evaluating,
+    gather_rows,
     has_method,
     progress,
+    shard_dataset,
     unwrap_model,
 )
 
@@ -225,8 +228,9 @@ def evaluate_qa(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
     lookup = {a: i for i, a in enumerate(answer_list)}
     batch_size = batch_size or cfg_eval.batch_size
     begin = time.perf_counter()
-    loader = eval_loader(dataset, Collator(text_encoder), batch_size, num_workers)
-    all_scores, targets, predicted = [], [], []
+    part, _ = shard_dataset(dataset)  # under a process group, each rank answers its block
+    loader = eval_loader(part, Collator(text_encoder), batch_size, num_workers)
+    choices, targets, best = [], [], []
     with evaluating(model):
         answer_feats = None
         if mode == "rank" and not has_method(model, "answer_scores") and \
@@ -247,19 +251,22 @@ def evaluate_qa(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
                                       cfg_eval.rerank_k, device, batch_size)
             if scores.shape[1] != len(answer_list):
                 raise ValueError(f"{scores.shape[1]} answer scores for {len(answer_list)} answers")
+            truth = torch.tensor([lookup.get(str(a), -1) for a in batch["answer"]])
             scores = scores.cpu()
-            all_scores.append(scores)
-            targets.append(torch.tensor([lookup.get(str(a), -1) for a in batch["answer"]]))
-            predicted += [answer_list[int(i)] for i in scores.argmax(dim=1)]
-    truth = torch.cat(targets)
-    scores = torch.cat(all_scores)
+            # the scored choice (a true answer tied for the top counts as wrong, as in
+            # leanvl.metrics) and the plain argmax; ranks exchange these, not the N x A scores
+            choices.append(predicted_classes(scores, truth))
+            best.append(scores.argmax(dim=1))
+            targets.append(truth)
+    count = len(dataset)
+    truth = gather_rows(torch.cat(targets), count)
     results: dict[str, Any] = {
-        "accuracy": accuracy(scores, truth),
+        "accuracy": accuracy(gather_rows(torch.cat(choices), count), truth),
         "num_items": int(len(truth)),
         "num_out_of_vocabulary": int((truth < 0).sum()),
         "mode": mode,
         "seconds": time.perf_counter() - begin,
     }
     if return_predictions:
-        results["predictions"] = predicted
+        results["predictions"] = [answer_list[int(i)] for i in gather_rows(torch.cat(best), count)]
     return results

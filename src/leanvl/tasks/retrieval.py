@@ -49,6 +49,7 @@ from leanvl.tasks.common import (
     num_rows,
     progress,
     shard,
+    shard_dataset,
     unwrap_model,
 )
 
@@ -72,14 +73,10 @@ def encode_videos(model, dataset, device: torch.device | str = "cpu", batch_size
     Features are kept on ``feature_device`` (default: ``device``); pass ``"cpu"`` when all
     video tokens do not fit on the accelerator.
     """
-    from torch.utils.data import Subset
-
     from leanvl.data.datasets import Collator
 
     feature_device = device if feature_device is None else feature_device
-    mine = shard(len(dataset))
-    part = dataset if mine.stop - mine.start == len(dataset) else \
-        Subset(dataset, range(mine.start, mine.stop))
+    part, mine = shard_dataset(dataset)
     loader = eval_loader(part, Collator(None), batch_size, num_workers)
     parts, expected = [], mine.start
     with evaluating(model):
