@@ -66,9 +66,17 @@ def test_eval_probe_trains_a_linear_probe_on_frozen_features(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["num_train"], result["num_test"]) == (6, 2)
     assert result["train_top1"] == 100.0 and result["top1"] == 100.0
+    # a missing test clip read by a loader worker: still one line naming the file and record
+    broken = write_annotations(records[6:] + [{"video": "gone.mp4", "label": "dark"}],
+                               tmp_path / "broken.jsonl")
+    assert main(["eval", "probe", "--quiet", f"data.train={train}", f"data.test={broken}",
+                 *common, "data.num_workers=1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("leanvl: error: ") and "Traceback" not in error
+    assert "gone.mp4: file not found (record 2 of" in error and "broken.jsonl" in error
 
 
-def test_a_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
+def test_a_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch, capsys):
     # torchrun runs `-m leanvl ...` once per rank; a finished command destroys the group
     import torch.distributed as dist
 
@@ -79,6 +87,13 @@ def test_a_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
                             world_size=1)
     try:
         assert main(["info"]) == 0
+        assert not dist.is_initialized()
+        # and one that fails leaves it too, without waiting for the other ranks
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0,
+                                world_size=1)
+        monkeypatch.setattr(distributed, "barrier", lambda: pytest.fail("waited for the ranks"))
+        assert main(["eval", "mc", "--model", str(tmp_path / "missing")]) == 2
+        assert "leanvl: error:" in capsys.readouterr().err
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

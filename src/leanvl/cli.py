@@ -344,12 +344,34 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
     except (ConfigError, AnnotationError, VideoDecodeError, FileNotFoundError, ValueError,
             KeyError, TypeError) as error:
-        print(f"leanvl: error: {error}", file=sys.stderr)
+        print(f"leanvl: error: {_error_line(error)}", file=sys.stderr)
+        _leave_process_group(failed=True)
         return 2
-    if "torch.distributed" in sys.modules:  # a command that joined torchrun's group leaves it
-        from leanvl.engine.distributed import cleanup
-        cleanup()
+    except BaseException:
+        _leave_process_group(failed=True)
+        raise
+    _leave_process_group(failed=False)
     return code
+
+
+def _error_line(error: Exception) -> str:
+    """The message of ``error``; for one a DataLoader worker raised (its message is the
+    worker's traceback), the original exception's own message, its last line."""
+    message = str(error)
+    if message.startswith("Caught ") and "DataLoader worker" in message.split("\n", 1)[0]:
+        last = message.rstrip().rsplit("\n", 1)[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
+def _leave_process_group(failed: bool) -> None:
+    """A command that joined torchrun's group leaves it: after success every rank waits for the
+    others first; after a failure this rank leaves at once (the others may be mid-collective)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from leanvl.engine.distributed import abort, cleanup
+
+    abort() if failed else cleanup()
 
 
 if __name__ == "__main__":

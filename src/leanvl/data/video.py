@@ -22,9 +22,17 @@ Source = str | os.PathLike | bytes | io.IOBase
 
 
 class VideoDecodeError(RuntimeError):
-    """A video that cannot be opened or decoded; the message names the file."""
+    """A video that cannot be opened or decoded; the message names the file.
 
-    def __init__(self, source: Source, reason: str):
+    ``VideoDecodeError(message)`` with one argument (no reason) keeps the message whole: that
+    is how a DataLoader re-raises an error of its worker, so it stays a ``VideoDecodeError``.
+    """
+
+    def __init__(self, source: Source, reason: str | None = None):
+        if reason is None:
+            self.source, self.reason = "", str(source)
+            super().__init__(self.reason)
+            return
         self.source = source_name(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")

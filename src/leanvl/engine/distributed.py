@@ -121,11 +121,24 @@ def cleanup() -> None:
     finish while the interpreter is still alive (docs/training.md, "Multi-GPU and multi-node").
     """
     if dist.is_available() and dist.is_initialized():
-        gloo = dist.get_backend() == "gloo"
-        dist.barrier()
-        dist.destroy_process_group()
-        if gloo:
-            time.sleep(GLOO_DRAIN_SECONDS)
+        barrier()
+        _leave_group()
+
+
+def abort() -> None:
+    """Leave the process group after this rank failed (no-op without one): destroy it at once,
+    without the barrier of ``cleanup``, since the other ranks may be waiting in a collective
+    this rank will never join (torchrun's agent stops them when this process exits with an
+    error), then give gloo's workers the same pause."""
+    if dist.is_available() and dist.is_initialized():
+        _leave_group()
+
+
+def _leave_group() -> None:
+    gloo = dist.get_backend() == "gloo"
+    dist.destroy_process_group()
+    if gloo:
+        time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def barrier() -> None:
