@@ -63,19 +63,16 @@ def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
         if fraction >= 1:
             return {}
         corpus = list(cfg.data.vocab_corpus or [])
-        if corpus:
-            texts = [t for path in corpus for t in corpus_texts(path)]
-        else:
-            dataset = build_dataset(cfg.data.train, cfg.data.root or None, cfg.data, train=False)
-            if not hasattr(dataset, "texts"):
+        if not corpus:
+            if ".tar" in str(cfg.data.train):
                 raise ValueError("data.vocab_keep_fraction < 1 counts words in the training "
                                  f"captions, which needs an annotation file; {cfg.data.train} "
-                                 "is not one (or give data.vocab_corpus)")
-            texts = dataset.texts()[0]
+                                 "are shards (give data.vocab_corpus)")
+            corpus = [str(cfg.data.train)]
+        texts = [t for path in corpus for t in corpus_texts(path)]
         kept = VocabTruncation.fit(texts, text.tokenizer, fraction).kept_ids
         log.info("vocabulary truncated to %d of %d tokens (data.vocab_keep_fraction=%g, "
-                 "counted in %s)", len(kept), len(text.tokenizer), fraction,
-                 ", ".join(corpus) or f"the captions of {cfg.data.train}")
+                 "counted in %s)", len(kept), len(text.tokenizer), fraction, ", ".join(corpus))
     text.truncation = VocabTruncation(kept, len(text.tokenizer), text.tokenizer.unk_token_id)
     special = {name: text.special_id(name) for name in ("pad", "unk", "cls", "sep", "mask")}
     return {"text_vocab_ids": list(kept), "special_ids": special}
