@@ -42,6 +42,38 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         main(["data", "frobnicate"])
 
 
+def test_worker_and_bad_sample_errors_are_one_line(monkeypatch, capsys):
+    import sys
+
+    from torch._utils import ExceptionWrapper
+
+    from leanvl import cli
+    from leanvl.data.datasets import TooManyBadSamples
+
+    def from_worker(error):  # what a DataLoader raises in the main process
+        try:
+            raise error
+        except type(error):
+            wrapper = ExceptionWrapper(sys.exc_info(), where="in DataLoader worker process 0")
+        try:
+            wrapper.reraise()
+        except Exception as reraised:
+            return reraised
+
+    error = ValueError("clip 3: two lines\nof detail")
+    error.add_note("a note")
+    assert cli._error_line(from_worker(error)) == "clip 3: two lines\nof detail\na note"
+    assert cli._error_line(ValueError("plain")) == "plain"
+
+    def fail(args):
+        raise TooManyBadSamples("train.jsonl: 20 corrupt samples in a row")
+
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "leanvl: error: train.jsonl: 20 corrupt samples in a row"
+
+
 def test_eval_probe_trains_a_linear_probe_on_frozen_features(tmp_path, capsys):
     """`leanvl eval probe`: E-ViLM's linear probe of a frozen backbone from the command line."""
     import json

@@ -646,3 +646,24 @@ def test_configure_threads_honours_data_cpu_threads(monkeypatch):
             configure_threads(num_workers=1, threads=-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_streamed_test_sets_are_not_split_over_ranks(monkeypatch):
+    from torch.utils.data import IterableDataset
+
+    from leanvl.engine import distributed
+    from leanvl.tasks.common import shard_dataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from ({"index": i} for i in range(4))
+
+        def __len__(self):
+            return 4
+
+    stream = Stream()
+    assert shard_dataset(stream) == (stream, slice(0, 4))  # one process: all of it
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="give data.test as an annotation file"):
+        shard_dataset(stream)
+

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = int(args.func(args) or 0)
     except (ConfigError, AnnotationError, VideoDecodeError, FileNotFoundError, ValueError,
-            KeyError, TypeError) as error:
+            KeyError, TypeError, *_loaded_errors()) as error:
         print(f"leanvl: error: {_error_line(error)}", file=sys.stderr)
         _leave_process_group(failed=True)
         return 2
@@ -354,13 +354,26 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _loaded_errors() -> tuple[type[Exception], ...]:
+    """Clear errors of modules a command imported (importing them up front would cost every
+    command torch's import time): too many corrupt clips."""
+    datasets = sys.modules.get("leanvl.data.datasets")
+    return (datasets.TooManyBadSamples,) if datasets is not None else ()
+
+
 def _error_line(error: Exception) -> str:
     """The message of ``error``; for one a DataLoader worker raised (its message is the
     worker's traceback), the original exception's own message, its last line."""
     message = str(error)
-    if message.startswith("Caught ") and "DataLoader worker" in message.split("\n", 1)[0]:
-        last = message.rstrip().rsplit("\n", 1)[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
+    lines = message.rstrip().split("\n")
+    words = lines[0].split()
+    if len(words) < 3 or words[0] != "Caught" or "DataLoader worker" not in lines[0]:
+        return message
+    name = words[1]  # "Caught VideoDecodeError in DataLoader worker process 0."
+    for at in range(len(lines) - 1, 0, -1):  # the unindented "module.Name: message" line
+        head, sep, rest = lines[at].partition(": ")
+        if sep and not lines[at][:1].isspace() and head.split(".")[-1] == name:
+            return "\n".join([rest, *lines[at + 1:]])
     return message
 
 

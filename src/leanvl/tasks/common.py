@@ -77,9 +77,14 @@ def shard(count: int) -> slice:
 def shard_dataset(dataset: Dataset) -> tuple[Dataset, slice]:
     """This rank's block of an evaluation dataset (a ``Subset``, or the dataset itself when the
     rank has all of it) and its slice of the dataset's indices. Samples keep their dataset
-    ``index``."""
-    from torch.utils.data import Subset
+    ``index``. Streamed datasets (WebDataset shards) cannot be split into exact blocks: under a
+    process group of several ranks every rank raises the same ``ValueError``."""
+    from torch.utils.data import IterableDataset, Subset
 
+    if isinstance(dataset, IterableDataset) and distributed.world_size() > 1:
+        raise ValueError("evaluation under torchrun splits the items of an annotation file over "
+                         "the ranks; streamed WebDataset shards cannot be split exactly: give "
+                         "data.test as an annotation file, or evaluate the shards in one process")
     mine = shard(len(dataset))
     if mine.stop - mine.start == len(dataset):
         return dataset, mine
