@@ -243,6 +243,19 @@ def test_reversed_clips_join_vtc_and_vtm_as_negatives_of_their_captions():
     assert len(seen) == 3  # three VTM calls, no clip played backwards
 
 
+@pytest.mark.parametrize("mask_type", ["random", "tube"])
+def test_tubelets_of_two_frames_mask_and_reverse_by_token_step(mask_type):
+    model = create_model("umt_tiny", stage=2, mask_type=mask_type,
+                         vision={"tubelet_size": 2}).eval()
+    batch = {**_batch(frames=4), "reversal_negative": torch.tensor([True, False, True, False])}
+    assert model.make_mask(batch["video"], None).shape == (4, 2 * 4)  # 2 steps x 2 x 2 patches
+    losses = model.pretrain_losses(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    semantic = create_model("umt_tiny", stage=1, vision={"tubelet_size": 2}, **TEACHER)
+    with pytest.raises(ValueError, match="tubelet_size=1"):
+        semantic.pretrain_losses({"video": batch["video"]})
+
+
 def test_reverse_mask_reverses_time_steps():
     from leanvl.masking import reverse_mask
 

@@ -149,17 +149,21 @@ class UMT(VideoLanguageModel):
         ratio = self.image_mask_ratio if frames == 1 else self.video_mask_ratio
         if self.mask_type == "none" or ratio <= 0:
             return None
-        grid = (video.shape[-2] // self.video_encoder.patch_embed.patch_size,
-                video.shape[-1] // self.video_encoder.patch_embed.patch_size)
-        patches = grid[0] * grid[1]
+        # token steps in time (frames / tubelet) and patches per step
+        steps, height, width = self.video_encoder.patch_embed.grid(frames, *video.shape[-2:])
+        patches = height * width
         if self.mask_type == "semantic":
             if attention is None:
                 raise ValueError("semantic masking needs a teacher: set teacher= to a CLIP "
                                    "weights file, or mask_type=random/tube/none")
+            if steps != frames:
+                raise ValueError("semantic masking samples each frame's tokens from the "
+                                 "teacher's attention, which needs tubelet_size=1 (UMT's "
+                                 f"student); got {frames} frames in {steps} token steps")
             return semantic_mask(attention, ratio, generator=generator)
         if self.mask_type == "tube":
-            return tube_mask(video.shape[0], frames, patches, ratio, generator, video.device)
-        return random_mask(video.shape[0], frames * patches, ratio, generator, video.device)
+            return tube_mask(video.shape[0], steps, patches, ratio, generator, video.device)
+        return random_mask(video.shape[0], steps * patches, ratio, generator, video.device)
 
     def _distill(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
                                                       torch.Tensor | None]:
