@@ -231,9 +231,11 @@ def test_evaluation_split_over_two_ranks_equals_one_process(tmp_path):
     assert len(qa["predictions"]) == 7 and set(qa["predictions"]) <= set(ToyTasks.ANSWERS)
     assert single["tasks"]["classify"]["num_items"] == 4  # 7 clips of 4 videos
     assert single["tasks"]["probe"]["num_train"] == 7
-    # MC 7 + QA 7 + classify 7 + probe 7 + 5 clips in one process; each rank encoded its block
-    assert single["task_videos"] == 33
-    assert [r["task_videos"] for r in ranks] == [3 + 3 + 3 + 3 + 2, 4 + 4 + 4 + 4 + 3]
+    assert single["tasks"]["mc_one_item"]["num_items"] == 1
+    # MC 7 + QA 7 + classify 7 + probe 7 + 5 + MC 1 clips in one process; each rank encoded its
+    # block, and both the one item
+    assert single["task_videos"] == 34
+    assert [r["task_videos"] for r in ranks] == [3 + 3 + 3 + 3 + 2 + 1, 4 + 4 + 4 + 4 + 3 + 1]
 
 
 def test_gradient_accumulation_equals_large_batch(tmp_path):

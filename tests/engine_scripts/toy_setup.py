@@ -247,6 +247,9 @@ def run_toy_eval(out: str | Path) -> dict[str, Any]:
         "probe": linear_probe(model, ToyTasks("classify"), ToyTasks("classify", n=5),
                               batch_size=2, epochs=5, progress_bar=False,
                               return_predictions=True),
+        # fewer items than ranks: every rank does the one item, nothing is gathered
+        "mc_one_item": evaluate_mc(model, ToyTasks("mc", n=1), toy_tokenize, EvalConfig(),
+                                   progress_bar=False, return_predictions=True),
     }
     task_videos = model.counts["videos"]
     rank, world = distributed.rank(), distributed.world_size()
