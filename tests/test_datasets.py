@@ -107,6 +107,16 @@ def test_qa_mc_classification_batches(clip_folder, text):
     batch = Collator(text)([MultipleChoiceDataset(mc, root, train=False, **SMALL)[i] for i in range(3)])
     assert batch["option_ids"].shape == (3, 5, 12) and batch["answer"].tolist() == [0, 1, 2]
     assert torch.equal(batch["option_ids"][0, 3], text(["o3"])["text_ids"][0])
+    assert batch["option_count"].tolist() == [5, 5, 5]
+    # an item with fewer options is padded with empty ones up to the batch's most
+    short = write_annotations([{"video": "clip0.mp4", "caption": ["a", "b"], "answer": 1}],
+                              root / "short.json")
+    items = [MultipleChoiceDataset(mc, root, train=False, **SMALL)[0],
+             MultipleChoiceDataset(short, root, train=False, **SMALL)[0]]
+    batch = Collator(text)(items)
+    assert batch["option_ids"].shape == (2, 5, 12) and batch["option_count"].tolist() == [5, 2]
+    assert batch["options"][1] == ["a", "b"]
+    assert torch.equal(batch["option_ids"][1, 2], text([""])["text_ids"][0])
 
     cls = write_annotations([{"video": f"clip{i}.mp4", "label": ["walk", "run"][i % 2]}
                              for i in range(4)], root / "cls.json")

@@ -330,6 +330,31 @@ def test_mc_accuracy_overall_and_per_kind():
     torch.testing.assert_close(torch.tensor(s), 0.7 * sig + 0.3 * soft)
 
 
+def test_mc_items_with_fewer_options_share_a_batch():
+    # a 2-option item beside 3-option ones: its padded option neither wins nor takes a share
+    # of the dual softmax, and the scores equal those of items scored one at a time
+    records = [
+        {"caption": ["right0", "x", "y"], "answer": 0},
+        {"caption": ["x", "right1"], "answer": 1},
+        {"caption": ["y", "x", "right2"], "answer": 2},
+    ]
+    text = FakeText()
+    model = FakeModel(text, sim_fn=lambda v, s: 3.0 if s == "x" else 0.0,
+                      match_fn=lambda v, s: 4.0 if s.startswith("right") else -4.0)
+    dataset = MemoryDataset(records, kind="mc")
+    together, alone = (evaluate_mc(model, dataset, text, EvalConfig(mc_vtm_weight=0.7),
+                                   batch_size=size, progress_bar=False, return_predictions=True)
+                       for size in (3, 1))
+    assert [len(row) for row in together["scores"]] == [3, 2, 3]
+    for row, expected in zip(together["scores"], alone["scores"], strict=True):
+        torch.testing.assert_close(torch.tensor(row), torch.tensor(expected))
+    assert together["accuracy"] == 100.0 and together["predictions"] == [0, 1, 2]
+    dual = evaluate_mc(model, dataset, text, EvalConfig(mc_vtm_weight=0.0), batch_size=3,
+                       progress_bar=False, return_predictions=True)
+    torch.testing.assert_close(torch.tensor(dual["scores"][1]),
+                               torch.tensor([3.0, 0.0]).softmax(0))
+
+
 # -- question answering ------------------------------------------------------------------------
 
 QA_RECORDS = [

@@ -249,11 +249,13 @@ class Collator:
             if "answer_index" in first:
                 batch["answer_index"] = torch.tensor([s["answer_index"] for s in samples])
         if "options" in first:
-            counts = {len(s["options"]) for s in samples}
-            if len(counts) != 1:
-                raise ValueError(f"multiple-choice items in one batch have {sorted(counts)} options")
+            # items with fewer options are padded with empty ones up to the batch's most;
+            # option_count says how many of each item's are real
+            counts = [len(s["options"]) for s in samples]
             batch["options"] = [s["options"] for s in samples]
-            encoded = self._encode([o for s in samples for o in s["options"]])
+            batch["option_count"] = torch.tensor(counts)
+            encoded = self._encode([o for s in samples
+                                    for o in s["options"] + [""] * (max(counts) - len(s["options"]))])
             batch["option_ids"] = encoded["text_ids"].view(len(samples), -1, encoded["text_ids"].shape[-1])
             batch["option_mask"] = encoded["text_mask"].view_as(batch["option_ids"])
             batch["answer"] = torch.tensor([s["answer"] for s in samples])

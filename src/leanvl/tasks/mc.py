@@ -38,13 +38,18 @@ from leanvl.tasks.common import (
 
 
 def option_scores(model, video_feats: VideoFeatures, option_feats: TextFeatures,
-                  num_options: int, vtm_weight: float) -> torch.Tensor:
-    """B x O scores for B videos and their B*O options (option-major within each video)."""
+                  num_options: int, vtm_weight: float,
+                  option_count: torch.Tensor | None = None) -> torch.Tensor:
+    """B x O scores for B videos and their B*O options (option-major within each video).
+    ``option_count`` (B) marks the options past each item's count as padding: they get -inf
+    and no share of the dual part's softmax."""
     batch = int(video_feats.embedding.shape[0])
     if int(option_feats.embedding.shape[0]) != batch * num_options:
         raise ValueError(f"{option_feats.embedding.shape[0]} option features for {batch} videos "
                          f"x {num_options} options")
     scores = torch.zeros(batch, num_options, device=video_feats.embedding.device)
+    padding = None if option_count is None else \
+        torch.arange(num_options, device=scores.device) >= option_count.to(scores.device)[:, None]
     if vtm_weight > 0:
         owner = torch.arange(batch, device=video_feats.embedding.device).repeat_interleave(
             num_options)
@@ -54,8 +59,10 @@ def option_scores(model, video_feats: VideoFeatures, option_feats: TextFeatures,
         sim = model.similarity(video_feats, option_feats).float()  # B x (B*O)
         rows = torch.arange(batch, device=sim.device)
         own = sim.view(batch, batch, num_options)[rows, rows]
+        if padding is not None:
+            own = own.masked_fill(padding, float("-inf"))
         scores = scores + (1 - vtm_weight) * own.softmax(dim=1)
-    return scores
+    return scores if padding is None else scores.masked_fill(padding, float("-inf"))
 
 
 def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.device | str = "cpu",
@@ -81,7 +88,7 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
     part, _ = shard_dataset(dataset)  # under a process group, each rank scores its block
     loader = eval_loader(part, Collator(text_encoder), batch_size or cfg_eval.batch_size,
                          num_workers)
-    indices, predictions, hits, all_scores = [], [], [], []
+    indices, predictions, hits, all_scores, option_counts = [], [], [], [], []
     with evaluating(model):
         for batch in progress(loader, "multiple choice", enabled=progress_bar):
             ids, mask = batch["option_ids"], batch["option_mask"]
@@ -89,12 +96,15 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
             video_feats = model.encode_video(batch["video"].to(device))
             option_feats = model.encode_text(ids.view(-1, length).to(device),
                                              mask.view(-1, length).to(device))
-            scores = option_scores(model, video_feats, option_feats, num_options, weight).cpu()
+            counts = batch["option_count"]
+            scores = option_scores(model, video_feats, option_feats, num_options, weight,
+                                   counts).cpu()
             all_scores.append(scores)
             predictions.append(scores.argmax(dim=1))
             # pessimistic ties (leanvl.metrics): a correct option tied for the top is a miss
             hits.append(topk_ranks(scores, batch["answer"]) == 1)
             indices.append(batch["index"])
+            option_counts.append(counts)
     count = len(dataset)
     correct = gather_rows(torch.cat(hits), count)
     predicted = gather_rows(torch.cat(predictions), count)
@@ -109,8 +119,8 @@ def evaluate_mc(model, dataset, text_encoder, cfg_eval=None, device: torch.devic
     results["seconds"] = time.perf_counter() - begin
     if return_predictions:
         results["predictions"] = predicted.tolist()
-        # items may have different option counts across batches; keep per-item rows
-        options = gather_rows(torch.tensor([s.shape[1] for s in all_scores for _ in s]), count)
+        # items may have different option counts; keep per-item rows of their own length
+        options = gather_rows(torch.cat(option_counts), count)
         width = max(s.shape[1] for s in all_scores)
         padded = torch.cat([F.pad(s, (0, width - s.shape[1])) for s in all_scores])
         scores = gather_rows(padded, count, pad_dim1=True)
