@@ -363,7 +363,8 @@ def _loaded_errors() -> tuple[type[Exception], ...]:
 
 def _error_line(error: Exception) -> str:
     """The message of ``error``; for one a DataLoader worker raised (its message is the
-    worker's traceback), the original exception's own message, its last line."""
+    worker's traceback), the original exception's own message: from its unindented
+    ``module.Name: ...`` line to the end (further lines and notes included)."""
     message = str(error)
     lines = message.rstrip().split("\n")
     words = lines[0].split()

@@ -252,10 +252,11 @@ class Collator:
             # items with fewer options are padded with empty ones up to the batch's most;
             # option_count says how many of each item's are real
             counts = [len(s["options"]) for s in samples]
+            width = max(counts)
             batch["options"] = [s["options"] for s in samples]
             batch["option_count"] = torch.tensor(counts)
             encoded = self._encode([o for s in samples
-                                    for o in s["options"] + [""] * (max(counts) - len(s["options"]))])
+                                    for o in s["options"] + [""] * (width - len(s["options"]))])
             batch["option_ids"] = encoded["text_ids"].view(len(samples), -1, encoded["text_ids"].shape[-1])
             batch["option_mask"] = encoded["text_mask"].view_as(batch["option_ids"])
             batch["answer"] = torch.tensor([s["answer"] for s in samples])
@@ -437,6 +438,12 @@ def make_loader(dataset: Dataset, batch_size: int, collate: Collator, train: boo
                       pin_memory=torch.cuda.is_available())
 
 
+def is_shards(annotations: str | Path) -> bool:
+    """Whether a data path names WebDataset shards (``.tar`` files, brace patterns included)
+    rather than an annotation file."""
+    return ".tar" in str(annotations)
+
+
 def build_dataset(annotations: str | Path, root: str | None, data_cfg: Any, train: bool,
                   kind: str | None = None, **kwargs) -> Dataset:
     """A dataset for ``annotations`` from a ``DataConfig``: records or WebDataset shards."""
@@ -445,7 +452,7 @@ def build_dataset(annotations: str | Path, root: str | None, data_cfg: Any, trai
                   size=data_cfg.size, train=train, normalization=data_cfg.normalization,
                   mean=data_cfg.mean, std=data_cfg.std, crop_scale=data_cfg.crop_scale,
                   flip=data_cfg.flip, backend=data_cfg.backend, **kwargs)
-    if ".tar" in str(annotations):
+    if is_shards(annotations):
         from leanvl.data.shards import ShardDataset
 
         return ShardDataset(str(annotations), kind=kind or "retrieval",

@@ -41,7 +41,7 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def eval_loader(dataset: Dataset, collate, batch_size: int, num_workers: int = 0) -> DataLoader:
     """A sequential loader over the whole of ``dataset``, with no distributed sampler (to split
-    the work, pass a ``Subset`` of this rank's ``shard``)."""
+    the work, pass this rank's block from ``shard_dataset``)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                       num_workers=num_workers, drop_last=False,
                       pin_memory=torch.cuda.is_available())

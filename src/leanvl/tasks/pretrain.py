@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from leanvl.data.annotations import corpus_texts
-from leanvl.data.datasets import Collator, MixedLoader, build_dataset, make_loader
+from leanvl.data.datasets import Collator, MixedLoader, build_dataset, is_shards, make_loader
 from leanvl.data.text import TextEncoder, VocabTruncation
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
             return {}
         corpus = list(cfg.data.vocab_corpus or [])
         if not corpus:
-            if ".tar" in str(cfg.data.train):
+            if is_shards(cfg.data.train):
                 raise ValueError("data.vocab_keep_fraction < 1 counts words in the training "
                                  f"captions, which needs an annotation file; {cfg.data.train} "
                                  "are shards (give data.vocab_corpus)")
