@@ -324,6 +324,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0,
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             options = {"crf": str(crf), "preset": "veryfast"}
+            if codec == "libx264":
+                # x264's macroblock-tree rate control encoded the same frames differently from
+                # run to run (with its SIMD code), so a benchmark regenerated from one config
+                # got other pixels; without it the file is a function of the frames.
+                options["x264-params"] = "mbtree=0"
             if gop:
                 options["g"] = str(gop)
             stream.options = options
