@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from leanvl.config import SynthConfig
 from leanvl.data import synthetic as synth
 from leanvl.data.annotations import load_annotations
-from leanvl.data.video import read_all_frames, read_frames
+from leanvl.data.video import read_all_frames, read_frames, sample_frame_indices
 
 TINY = dict(pretrain_clips=30, retrieval_test_clips=20, mc_test_clips=24,
             classify_train_clips=20, classify_test_clips=20, qa_per_clip=2, frames=8, size=32,
@@ -94,6 +94,25 @@ def test_temporal_motions_change_the_frames_as_described():
         _, _, mask = centroid(motion, (0.5, 0.5, 0, 0.3, 1), (0.5, 0.5, angle, 0.3, 1))
         assert mask[0].sum(0).argmax() > 32  # pointing right at the start
         assert (mask[-1].sum(1).argmax() > 32) == below
+
+
+@pytest.mark.parametrize("frames,num_frames", [(8, 4), (16, 4), (16, 8)])
+@pytest.mark.parametrize("sampling", ["middle", "uniform"])
+def test_both_events_of_an_ordered_pair_show_in_sparsely_sampled_frames(frames, num_frames,
+                                                                          sampling):
+    """An evaluation that samples a few frames sees each event of an ordered pair, so the order
+    MC items are answerable from the frames a model gets (the demo: 4 of 8, middle frames)."""
+    picks = sample_frame_indices(num_frames, frames, sampling)
+    for motion in synth.EVENTS:
+        for phase in ("early", "late"):
+            obj = synth.ObjectSpec("arrow", "white", "large", "centre", motion, phase=phase,
+                                   start=(0.5, 0.5, 0, 0.15, 1), end=(0.5, 0.5, 0, 0.15, 1))
+            rest = obj.state(0 if phase == "late" else frames - 1, frames)
+            acting = [t for t in picks if obj.state(t, frames) != rest]
+            assert acting, (motion, phase, picks)
+            # and only within its own half of the clip
+            half = range(frames // 2) if phase == "early" else range((frames - 1) // 2 + 1, frames)
+            assert all(t in half for t in acting), (motion, phase, acting)
 
 
 # ----------------------------------------------------------------------------- multiple choice

@@ -38,7 +38,7 @@ import numpy as np
 from leanvl.config import SynthConfig
 from leanvl.data.annotations import atomic_write_text, write_annotations
 
-FORMAT_VERSION = 1  # bump when rendering changes, so resumed runs re-encode their clips
+FORMAT_VERSION = 2  # bump when rendering changes, so resumed runs re-encode their clips
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -178,11 +178,14 @@ def _with_article(phrase: str) -> str:
 def _phase_bounds(phase: str, frames: int) -> tuple[int, int]:
     """First and last frame of a phase; 'early' and 'late' mirror each other in time.
 
-    Each lasts at least three frames so a blink or jump has a middle frame (needs frames >= 6).
+    Each is half the clip, at least three frames (needs frames >= 6), so that a blink, jump or
+    pulse spans the middle of its half and a sparse sample of the clip still shows it: 4 of 8
+    frames, as the demo takes, see both events of an ordered pair (a phase of 3 frames out of 8
+    showed its event in one frame, which the evaluation's frames skipped).
     """
     if phase == "all":
         return 0, frames - 1
-    m = max(2, 2 * (frames - 1) // 5)
+    m = (frames - 1) // 2
     return (0, m) if phase == "early" else (frames - 1 - m, frames - 1)
 
 
