@@ -33,6 +33,27 @@ def test_text_encoder_pads_and_masks():
     assert TextEncoder(max_len=8, pad_to_max=True)(["a"])["text_ids"].shape == (1, 8)
 
 
+@pytest.mark.parametrize("pad_to_max", [False, True])
+def test_text_encoder_cuts_long_texts_as_the_tokenizer_does_and_says_so(caplog, pad_to_max):
+    tokenizer = load_tokenizer("bert-base-uncased")
+    texts = ["a red square", "a very long caption that will not fit in eight tokens",
+             "a blue circle moves to left"]  # exactly 8 tokens: kept whole, not counted as cut
+    encoder = TextEncoder(tokenizer, max_len=8, pad_to_max=pad_to_max)
+    with caplog.at_level("WARNING", logger="leanvl.data.text"):
+        out = encoder(texts)
+        encoder(texts)
+    reference = tokenizer(texts, padding="max_length" if pad_to_max else "longest",
+                          truncation=True, max_length=8, return_tensors="pt")
+    assert torch.equal(out["text_ids"], reference["input_ids"])
+    assert torch.equal(out["text_mask"], reference["attention_mask"])
+    cut = [r for r in caplog.records if "longer than max_text_len=8" in r.getMessage()]
+    assert len(cut) == 1 and "1 of 3" in cut[0].getMessage()  # once per encoder
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="leanvl.data.text"):
+        TextEncoder(tokenizer, max_len=8)(texts[:1] + texts[2:])  # nothing to cut: silent
+    assert not caplog.records
+
+
 def test_vocab_truncation_keeps_top_fraction_by_frequency():
     tokenizer = load_tokenizer("bert-base-uncased")
     corpus = ["a red square moves left"] * 50 + ["a blue circle"] * 5 + ["zebra"]

