@@ -72,7 +72,7 @@ def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, f
                             kind="retrieval")
     text = build_text_encoder(cfg.data, model)
     items = [i for i, r in enumerate(dataset.records) if reversal_contradicts(r["facts"])][:clips]
-    wins = {"VTM": 0, "VTC": 0}
+    wins = {"VTM": 0.0, "VTC": 0.0}
     for start in range(0, len(items), 32):
         chunk = items[start:start + 32]
         video = torch.stack([dataset[i]["video"] for i in chunk]).to(device)
@@ -82,9 +82,11 @@ def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, f
             encoded = {k: v.to(device) for k, v in text(captions).items()}
             words = model.encode_text(encoded["text_ids"], encoded["text_mask"])
             forward, backward = model.encode_video(video), model.encode_video(video.flip(1))
-            wins["VTM"] += int((model.match(forward, words) > model.match(backward, words)).sum())
-            wins["VTC"] += int(((forward.embedding - backward.embedding).float()
-                                * words.embedding.float()).sum(-1).gt(0).sum())
+            margins = {"VTM": model.match(forward, words) - model.match(backward, words),
+                       "VTC": ((forward.embedding - backward.embedding).float()
+                               * words.embedding.float()).sum(-1)}
+            for key, margin in margins.items():  # a tie is half a win: chance stays 50%
+                wins[key] += float(margin.gt(0).sum() + 0.5 * margin.eq(0).sum())
     return {k: 100 * v / max(1, len(items)) for k, v in wins.items()}
 
 
@@ -99,7 +101,8 @@ def main() -> None:
     configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     rows = []
     for spec in args.models:
-        name, _, folder = spec.rpartition("=")
+        name, _, folder = spec.partition("=")  # a name has no "="; a path may
+        name, folder = (name, folder) if folder else ("", name)
         model, _, _ = load_finetuned(folder)
         model = model.to(device).eval()
         mc = mc_split(model, cfg, args.synth, device)

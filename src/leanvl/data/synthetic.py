@@ -178,10 +178,11 @@ def _with_article(phrase: str) -> str:
 def _phase_bounds(phase: str, frames: int) -> tuple[int, int]:
     """First and last frame of a phase; 'early' and 'late' mirror each other in time.
 
-    Each is half the clip, at least three frames (needs frames >= 6), so that a blink, jump or
-    pulse spans the middle of its half and a sparse sample of the clip still shows it: 4 of 8
-    frames, as the demo takes, see both events of an ordered pair (a phase of 3 frames out of 8
-    showed its event in one frame, which the evaluation's frames skipped).
+    Each takes half the clip (sharing the middle frame when the count is odd), at least three
+    frames (needs frames >= 6), so that a blink, jump or pulse spans the middle of its half:
+    4 frames sampled from 8 or 16 (``middle`` or ``uniform``), as the demo and the defaults
+    take, see both events of an ordered pair (a phase of 3 frames out of 8 showed its event in
+    one frame, which the evaluation's frames skipped). Other counts may miss an event.
     """
     if phase == "all":
         return 0, frames - 1

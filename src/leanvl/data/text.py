@@ -115,7 +115,9 @@ class TextEncoder:
         self.max_len = int(max_len)
         self.pad_to_max = pad_to_max
         self.truncation = truncation
-        self.warned_cut = False  # texts longer than max_len are cut; said once per encoder
+        # texts longer than max_len are cut; said once per encoder (a DataLoader worker has
+        # its own copy, so once per worker and pass)
+        self.warned_cut = False
 
     @property
     def vocab_size(self) -> int:
@@ -135,22 +137,25 @@ class TextEncoder:
         if isinstance(texts, str):
             raise TypeError("expected a list of strings, got one string")
         padding = "max_length" if self.pad_to_max else "longest"
-        # one token more than kept, to see which texts are longer than max_len
         encoded = self.tokenizer(list(texts), padding=padding, truncation=True,
-                                 max_length=self.max_len + 1, return_tensors="pt")
+                                 max_length=self.max_len, return_tensors="pt")
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        cut = mask.sum(dim=1) > self.max_len
-        if ids.shape[1] > self.max_len:
-            ids, mask = ids[:, :self.max_len].clone(), mask[:, :self.max_len]
-            sep = self.tokenizer.sep_token_id
-            if sep is not None:  # a cut text still ends with [SEP], as the tokenizer's own cut
-                ids[cut, -1] = sep
-        if bool(cut.any()) and not self.warned_cut:
-            self.warned_cut = True
-            log.warning("texts longer than max_text_len=%d tokens are cut (%d of %d in this "
-                        "batch, e.g. %r); raise data.max_text_len if they should be read whole",
-                        self.max_len, int(cut.sum()), len(texts),
-                        texts[int(cut.nonzero()[0, 0])][:80])
+        if not self.warned_cut:
+            self._warn_if_cut(texts, mask)
         if self.truncation is not None:
             ids = self.truncation(ids)
         return {"text_ids": ids, "text_mask": mask}
+
+    def _warn_if_cut(self, texts: Sequence[str], mask: torch.Tensor) -> None:
+        """Warn (once per encoder) when a text was longer than ``max_len``: only texts that
+        fill ``max_len`` can have been cut, and only those are tokenised again, whole."""
+        full = (mask.sum(dim=1) >= self.max_len).nonzero().flatten().tolist()
+        if not full:
+            return
+        lengths = [len(ids) for ids in self.tokenizer([texts[i] for i in full])["input_ids"]]
+        cut = [i for i, length in zip(full, lengths) if length > self.max_len]
+        if cut:
+            self.warned_cut = True
+            log.warning("texts longer than max_text_len=%d tokens are cut (%d of %d in this "
+                        "batch, e.g. %r); raise data.max_text_len if they should be read whole",
+                        self.max_len, len(cut), len(texts), texts[cut[0]][:80])
