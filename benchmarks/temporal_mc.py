@@ -30,8 +30,9 @@ import torch  # noqa: E402
 from _report import table, update_section  # noqa: E402
 
 from leanvl.config import load_config, to_object  # noqa: E402
+from leanvl.data.annotations import captions_of  # noqa: E402
 from leanvl.data.datasets import build_dataset  # noqa: E402
-from leanvl.data.synthetic import REVERSE  # noqa: E402
+from leanvl.data.synthetic import temporal_fact_keys  # noqa: E402
 from leanvl.demo import cpu_settings  # noqa: E402
 from leanvl.engine.precision import autocast  # noqa: E402
 from leanvl.tasks.finetune import load_finetuned  # noqa: E402
@@ -41,12 +42,6 @@ from leanvl.tasks.pretrain import build_text_encoder, configure_threads  # noqa:
 # as the demo evaluates (its captions run past the default 40 tokens)
 DATA = ["data.num_frames=4", "data.size=96", "data.max_text_len=64", "data.num_workers=1",
         "eval.batch_size=64"]
-
-
-def reversal_contradicts(facts: dict) -> bool:
-    """True when the clip played backwards is described differently (a fact that reversal flips)."""
-    return bool(facts.get("order")) or any(REVERSE[o["motion"]] != o["motion"]
-                                           for o in facts["objects"])
 
 
 def mc_split(model, cfg, synth: Path, device) -> dict[str, float]:
@@ -71,13 +66,12 @@ def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, f
     dataset = build_dataset(synth / "pretrain.jsonl", str(synth), cfg.data, train=False,
                             kind="retrieval")
     text = build_text_encoder(cfg.data, model)
-    items = [i for i, r in enumerate(dataset.records) if reversal_contradicts(r["facts"])][:clips]
+    items = [i for i, r in enumerate(dataset.records) if temporal_fact_keys(r["facts"])][:clips]
     wins = {"VTM": 0.0, "VTC": 0.0}
     for start in range(0, len(items), 32):
         chunk = items[start:start + 32]
         video = torch.stack([dataset[i]["video"] for i in chunk]).to(device)
-        captions = [dataset.records[i]["caption"] for i in chunk]
-        captions = [c[0] if isinstance(c, list) else c for c in captions]
+        captions = [captions_of(dataset.records[i])[0] for i in chunk]
         with torch.no_grad(), autocast(cfg.train.precision, device.type):
             encoded = {k: v.to(device) for k, v in text(captions).items()}
             words = model.encode_text(encoded["text_ids"], encoded["text_mask"])

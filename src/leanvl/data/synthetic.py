@@ -244,6 +244,14 @@ class ObjectSpec:
         return " ".join(w for w in (self.size, self.colour, self.shape) if w)
 
 
+def temporal_fact_keys(facts: dict[str, Any]) -> list[str]:
+    """Keys (as in :func:`fact_differences`) of the facts that time reversal flips, from a
+    clip's facts (``SceneSpec.facts``, as records carry them)."""
+    keys = [f"objects.{i}.motion" for i, o in enumerate(facts["objects"])
+            if REVERSE[o["motion"]] != o["motion"]]
+    return keys + (["order"] if facts.get("order") else [])
+
+
 @dataclass(frozen=True)
 class SceneSpec:
     """A whole clip: objects (drawn in order), background and noise; renders with :func:`render`."""
@@ -277,9 +285,7 @@ class SceneSpec:
 
     def temporal_facts(self) -> list[str]:
         """Keys (as in :func:`fact_differences`) of the facts that time reversal flips."""
-        keys = [f"objects.{i}.motion" for i, o in enumerate(self.objects)
-                if REVERSE[o.motion] != o.motion]
-        return keys + (["order"] if self.order else [])
+        return temporal_fact_keys(self.facts)
 
     def with_fact(self, key: str, value: Any) -> SceneSpec:
         """A copy stating a different value for one fact (for distractor captions)."""

@@ -198,7 +198,7 @@ class UMT(VideoLanguageModel):
             return None, None
         backwards = video.index_select(0, owner).flip(1)
         if mask is not None:
-            time = self.video_encoder.patch_embed.grid(*video.shape[1:2], *video.shape[-2:])[0]
+            time = self.video_encoder.patch_embed.grid(video.shape[1], *video.shape[-2:])[0]
             mask = reverse_mask(mask.index_select(0, owner), time)
         return owner, self._video_features(self.video_encoder(backwards, mask))
 
