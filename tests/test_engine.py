@@ -159,6 +159,7 @@ def _torchrun(script: str, out: Path) -> subprocess.Popen:
         [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    env["TMPDIR"] = str(out.parent)  # torchrun's log folders go with the test, not into /tmp
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(SCRIPTS / script), str(out)]
