@@ -130,3 +130,51 @@ def test_a_command_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch, cap
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_eval_reads_with_the_settings_the_model_was_trained_with(tmp_path, monkeypatch, capsys):
+    """Released weights record their input settings; `leanvl eval` takes them unless the
+    config or the command line sets them, and says so on stderr."""
+    import torch
+
+    from leanvl.config import load_config
+    from leanvl.engine.checkpoint import trained_input_settings
+    from leanvl.models.registry import create_model
+    from leanvl.tasks import finetune
+    from leanvl.tasks.pretrain import release
+
+    trained = load_config(None, ["data.num_frames=2", "data.size=32", "data.max_text_len=64",
+                                 "data.normalization=custom", "data.mean=[0.5,0.5,0.5]"])
+    model = create_model("umt_tiny", stage=1)
+    release(model, tmp_path / "model", trained.data)
+    expected = {"num_frames": 2, "size": 32, "max_text_len": 64, "tokenizer": "bert-base-uncased",
+                "normalization": "custom", "mean": [0.5, 0.5, 0.5],
+                "std": list(trained.data.std)}
+    assert trained_input_settings(tmp_path / "model") == expected
+    assert trained_input_settings(tmp_path / "model" / "model.safetensors") == expected
+    torch.save({"config": {"data": {**expected, "batch_size": 3}}}, tmp_path / "last.pt")
+    assert trained_input_settings(tmp_path / "last.pt") == expected  # a training checkpoint
+    release(model, tmp_path / "bare")  # no data config: nothing recorded (as converted weights)
+    assert trained_input_settings(tmp_path / "bare") == {}
+
+    seen = []
+    monkeypatch.setattr(finetune, "run_eval", lambda cfg, task, progress: seen.append(cfg) or {})
+    assert main(["eval", "mc", "--model", str(tmp_path / "model"), "data.test=t.jsonl"]) == 0
+    data = seen[-1].data
+    assert (data.num_frames, data.size, data.max_text_len, data.normalization) == \
+        (2, 32, 64, "custom") and list(data.mean) == [0.5, 0.5, 0.5]
+    assert data.test == "t.jsonl" and data.batch_size == 8  # the rest: defaults and overrides
+    note = capsys.readouterr().err
+    assert "as trained: num_frames=2, size=32, max_text_len=64" in note
+    assert "set by the config" not in note
+    # a preset or an override wins, and the note names what differs from training
+    assert main(["eval", "mc", "--model", str(tmp_path / "model"), "--config",
+                 "demo_umt_stage2", "data.num_frames=8"]) == 0
+    data = seen[-1].data
+    assert (data.num_frames, data.size, data.max_text_len, data.normalization) == \
+        (8, 96, 64, "custom")
+    note = capsys.readouterr().err
+    assert "num_frames=8 (trained: 2)" in note and "size=96 (trained: 32)" in note
+    assert main(["eval", "mc", "--quiet", "--model", str(tmp_path / "bare")]) == 0
+    assert (seen[-1].data.num_frames, seen[-1].data.size) == (4, 224)  # defaults
+    assert capsys.readouterr().err == ""

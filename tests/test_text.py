@@ -111,6 +111,9 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     run_pretrain(cfg, evaluate=lambda model: {}, progress=False)
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     kept = config["kwargs"]["text_vocab_ids"]
+    assert config["extra"]["data"] == {  # the input settings `leanvl eval` reads with
+        "num_frames": 2, "size": 32, "max_text_len": 40, "tokenizer": "bert-base-uncased",
+        "normalization": "clip"}  # mean and std only with normalization: custom
     assert len(kept) == round(30522 * 0.01)
     model = load_pretrained(tmp_path / "run" / "model")
     rows = model.embed.token_embed if name.startswith("perceiver") else \

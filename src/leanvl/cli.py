@@ -142,16 +142,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate released weights on data.test for one task."""
+    from leanvl.config import load_config
+    from leanvl.engine.checkpoint import trained_input_settings
+    from leanvl.engine.distributed import is_main
     from leanvl.tasks.finetune import run_eval
 
     extra = [f"model.pretrained={args.model}"] if args.model else []
     cfg = _run_config(args.config, args.overrides, extra)
+    trained = trained_input_settings(cfg.model.pretrained) if cfg.model.pretrained else {}
+    if trained:  # the model's own input settings, unless the config or command line sets them
+        cfg = load_config(args.config, list(args.overrides) + extra, base={"data": trained})
+        if not args.quiet and is_main():
+            print(_input_settings_line(trained, cfg.data), file=sys.stderr)
     metrics = run_eval(cfg, args.task, progress=not args.quiet)
-    from leanvl.engine.distributed import is_main
 
     if is_main():  # under torchrun every rank has the same metrics
         print(json.dumps(metrics, indent=1, default=float))
     return 0
+
+
+def _input_settings_line(trained: dict, data) -> str:
+    """What ``leanvl eval`` reads with, against what the model was trained with."""
+    from leanvl.engine.checkpoint import to_plain
+
+    now = {key: to_plain(data[key]) for key in trained}
+    taken = [f"{key}={value}" for key, value in trained.items() if now[key] == value]
+    changed = [f"{key}={now[key]} (trained: {value})" for key, value in trained.items()
+               if now[key] != value]
+    parts = [f"as trained: {', '.join(taken)}"] if taken else []
+    if changed:
+        parts.append(f"set by the config or command line: {', '.join(changed)}")
+    return "leanvl: input settings " + "; ".join(parts)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

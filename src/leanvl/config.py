@@ -200,10 +200,11 @@ def _preset_path(preset: str | Path) -> Path:
 
 
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None,
-                schema: type = Config) -> DictConfig:
-    """Defaults < preset YAML < ``key=value`` overrides; unknown keys raise ConfigError."""
+                schema: type = Config, base: dict[str, Any] | None = None) -> DictConfig:
+    """Defaults < ``base`` (nested values, e.g. what a model was trained with) < preset YAML <
+    ``key=value`` overrides; unknown keys raise ConfigError."""
     cfg = OmegaConf.structured(schema)
-    layers = []
+    layers = [OmegaConf.create(base)] if base else []
     if preset:
         layers.append(OmegaConf.load(_preset_path(preset)))
     for item in overrides or []:

@@ -187,10 +187,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor],
 def to_plain(value: Any) -> Any:
     """OmegaConf containers / tuples -> JSON-ready lists and dicts."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf import Container, OmegaConf
 
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, Container):  # DictConfig, ListConfig, omegaconf 2.4's TupleConfig
+            value = OmegaConf.to_container(value, resolve=True)  # may hold tuples
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     if isinstance(value, dict):
@@ -277,6 +277,35 @@ def write_release_config(folder: str | os.PathLike, name: str, kwargs: dict[str,
     path = Path(folder) / CONFIG_NAME
     atomic_write_text(path, json.dumps(config, indent=2) + "\n")
     return path
+
+
+# the data settings that shape what a model reads; released weights record them
+# (``extra.data``) so that evaluation takes the trained ones unless told otherwise
+INPUT_SETTINGS = ("num_frames", "size", "max_text_len", "tokenizer", "normalization", "mean",
+                  "std")
+
+
+def input_settings(data_cfg: Any) -> dict[str, Any]:
+    """The ``INPUT_SETTINGS`` of a data config, as plain values (``mean`` and ``std`` only
+    with ``normalization: custom``, the one that reads them)."""
+    custom = data_cfg.normalization == "custom"
+    return to_plain({key: getattr(data_cfg, key) for key in INPUT_SETTINGS
+                     if custom or key not in ("mean", "std")})
+
+
+def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``INPUT_SETTINGS`` a model was trained with: from released weights' config.json
+    (a folder, or its ``model.safetensors``) or a training checkpoint's config; ``{}`` where
+    none are recorded (weights converted from official checkpoints, older releases)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        data = load_checkpoint(path).get("config", {}).get("data", {})
+    else:
+        config = (path.parent if path.is_file() else path) / CONFIG_NAME
+        if not config.is_file():
+            return {}
+        data = (json.loads(config.read_text()).get("extra") or {}).get("data", {})
+    return {key: data[key] for key in INPUT_SETTINGS if key in data}
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"

@@ -128,7 +128,7 @@ def _evaluator(cfg: Any, task: str, labels: list | None, device, progress: bool 
 def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` for ``task`` on ``data.train``; evaluate on ``data.test``."""
     from leanvl.engine import distributed
-    from leanvl.engine.checkpoint import save_pretrained
+    from leanvl.engine.checkpoint import input_settings, save_pretrained
     from leanvl.engine.logging import setup_logging
     from leanvl.engine.trainer import Trainer
 
@@ -154,7 +154,7 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
             dict(getattr(base, "registry_kwargs", {})), ())
         result["released"] = str(save_pretrained(
             model, Path(cfg.out) / "model", name=base.registry_name, kwargs=kwargs,
-            extra={"task": task, "labels": labels},
+            extra={"task": task, "labels": labels, "data": input_settings(cfg.data)},
             exclude_prefixes=tuple(f"model.{p}" for p in exclude)))
     distributed.barrier()
     return result

@@ -209,21 +209,25 @@ def retrieval_callback(cfg: Any, text: TextEncoder, device: torch.device):
     return evaluate
 
 
-def release(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` for downstream use.
+def release(model: nn.Module, folder: str | Path, data_cfg: Any = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` for downstream use; with ``data_cfg``,
+    the input settings it was trained with (frames, size, text length, tokenizer,
+    normalization), which ``leanvl eval`` takes by default.
 
     A model may define ``release_config() -> (kwargs, exclude_prefixes)`` to leave out what only
     pre-training needs (UMT drops its teacher and alignment heads); otherwise frozen modules
     are left out and the registry kwargs kept.
     """
-    from leanvl.engine.checkpoint import save_pretrained
+    from leanvl.engine.checkpoint import input_settings, save_pretrained
     from leanvl.engine.optim import frozen_prefixes_of
 
     if hasattr(model, "release_config"):
         kwargs, exclude = model.release_config()
     else:
         kwargs, exclude = dict(getattr(model, "registry_kwargs", {})), frozen_prefixes_of(model)
-    return save_pretrained(model, folder, kwargs=kwargs, exclude_prefixes=tuple(exclude))
+    extra = {"data": input_settings(data_cfg)} if data_cfg is not None else None
+    return save_pretrained(model, folder, kwargs=kwargs, exclude_prefixes=tuple(exclude),
+                           extra=extra)
 
 
 def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, Any]:
@@ -245,6 +249,6 @@ def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, An
                       progress=progress)
     result = trainer.fit()
     if distributed.is_main():
-        result["released"] = str(release(model, Path(cfg.out) / "model"))
+        result["released"] = str(release(model, Path(cfg.out) / "model", cfg.data))
     distributed.barrier()
     return result
