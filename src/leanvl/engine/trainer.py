@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -475,7 +476,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         group = self.optimizer.param_groups[0]
         lr = group["lr"] / group.get("lr_scale", 1.0)
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # a step fp16's GradScaler skips (inf gradients) still counts in the schedule, which
+            # stays on self.step; torch warns that the optimizer did not step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.step += 1
 
         result = dict(reduced)
