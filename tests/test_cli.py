@@ -154,6 +154,10 @@ def test_eval_reads_with_the_settings_the_model_was_trained_with(tmp_path, monke
     assert trained_input_settings(tmp_path / "model" / "model.safetensors") == expected
     torch.save({"config": {"data": {**expected, "batch_size": 3}}}, tmp_path / "last.pt")
     assert trained_input_settings(tmp_path / "last.pt") == expected  # a training checkpoint
+    clip = {**expected, "normalization": "clip"}  # mean and std are read only when custom
+    torch.save({"config": {"data": clip}}, tmp_path / "clip.pt")
+    assert trained_input_settings(tmp_path / "clip.pt") == {
+        k: v for k, v in clip.items() if k not in ("mean", "std")}
     release(model, tmp_path / "bare")  # no data config: nothing recorded (as converted weights)
     assert trained_input_settings(tmp_path / "bare") == {}
 

@@ -305,7 +305,9 @@ def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
         if not config.is_file():
             return {}
         data = (json.loads(config.read_text()).get("extra") or {}).get("data", {})
-    return {key: data[key] for key in INPUT_SETTINGS if key in data}
+    custom = data.get("normalization") == "custom"
+    return {key: data[key] for key in INPUT_SETTINGS
+            if key in data and (custom or key not in ("mean", "std"))}
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
