@@ -3,9 +3,10 @@
     python benchmarks/temporal_mc.py SYNTH NAME=MODEL [NAME=MODEL ...] [--clips 256]
 
 SYNTH is a synthetic benchmark folder (``leanvl data synth`` or a demo's ``synth/``); each
-MODEL is a folder of released pre-training weights with a text side (e.g. a demo's
-``stage2/model``), evaluated zero-shot on 4 frames at 96x96 like the demo (bf16 autocast on CPUs with native
-bf16, as the demo evaluates). For each model:
+MODEL is a folder of released pre-training weights (e.g. a demo's ``stage2/model``; a
+video-only one such as ``stage1/model`` gets only the cosine below), evaluated zero-shot on 4
+frames at 96x96 like the demo (bf16 autocast on CPUs with native bf16, as the demo
+evaluates). For each model:
 
 - **multiple choice** (``leanvl eval mc``'s scoring, ``eval.mc_vtm_weight``): static and
   temporal items, and the temporal ones split by what reversal changes: one object's motion
@@ -15,7 +16,9 @@ bf16, as the demo evaluates). For each model:
   reversal contradicts their caption (a directional motion or an order), how often the model
   scores (clip, caption) above (the clip played backwards, the same caption), by VTM and by
   VTC. These clips were trained on, so 50% (chance) here means the model did not learn to tell
-  a clip from its reversal at all, not that it failed to generalise.
+  a clip from its reversal at all, not that it failed to generalise. Beside them, the mean
+  cosine between the video embeddings of each clip and of its reversal (1: the embedding is
+  blind to the direction), and for scale between those of two different clips.
 """
 
 from __future__ import annotations
@@ -62,26 +65,36 @@ def mc_split(model, cfg, synth: Path, device) -> dict[str, float]:
 
 
 def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, float]:
-    """% of pre-training clips scored above their own reversal with their caption (VTM, VTC)."""
+    """% of pre-training clips scored above their own reversal with their caption (VTM, VTC),
+    and the mean cosine of their video embeddings ("cosine")."""
     dataset = build_dataset(synth / "pretrain.jsonl", str(synth), cfg.data, train=False,
                             kind="retrieval")
-    text = build_text_encoder(cfg.data, model)
+    has_text = getattr(model, "text_encoder", True) is not None  # a stage-1 UMT has none
+    text = build_text_encoder(cfg.data, model) if has_text else None
     items = [i for i, r in enumerate(dataset.records) if temporal_fact_keys(r["facts"])][:clips]
     wins = {"VTM": 0.0, "VTC": 0.0}
+    cosine = other = 0.0
     for start in range(0, len(items), 32):
         chunk = items[start:start + 32]
         video = torch.stack([dataset[i]["video"] for i in chunk]).to(device)
         captions = [captions_of(dataset.records[i])[0] for i in chunk]
         with torch.no_grad(), autocast(cfg.train.precision, device.type):
+            forward, backward = model.encode_video(video), model.encode_video(video.flip(1))
+            embedding = forward.embedding.float()
+            cosine += float((embedding * backward.embedding.float()).sum())
+            other += float((embedding * embedding.roll(1, 0)).sum())  # the next clip's
+            if text is None:
+                continue
             encoded = {k: v.to(device) for k, v in text(captions).items()}
             words = model.encode_text(encoded["text_ids"], encoded["text_mask"])
-            forward, backward = model.encode_video(video), model.encode_video(video.flip(1))
             margins = {"VTM": model.match(forward, words) - model.match(backward, words),
                        "VTC": ((forward.embedding - backward.embedding).float()
                                * words.embedding.float()).sum(-1)}
             for key, margin in margins.items():  # a tie is half a win: chance stays 50%
                 wins[key] += float(margin.gt(0).sum() + 0.5 * margin.eq(0).sum())
-    return {k: 100 * v / max(1, len(items)) for k, v in wins.items()}
+    count = max(1, len(items))
+    scores = {k: 100 * v / count for k, v in wins.items()} if text is not None else {}
+    return {**scores, "cosine": cosine / count, "other": other / count}
 
 
 def main() -> None:
@@ -99,18 +112,25 @@ def main() -> None:
         name, folder = (name, folder) if folder else ("", name)
         model, _, _ = load_finetuned(folder)
         model = model.to(device).eval()
-        mc = mc_split(model, cfg, args.synth, device)
         pairs = against_reversal(model, cfg, args.synth, args.clips, device)
-        rows.append([name or folder, *(f"{mc[k]:.1f}" for k in mc),
-                     f"{pairs['VTM']:.1f}", f"{pairs['VTC']:.1f}"])
+        if "VTM" in pairs:
+            mc = mc_split(model, cfg, args.synth, device)
+            scores = [*(f"{mc[k]:.1f}" for k in mc), f"{pairs['VTM']:.1f}", f"{pairs['VTC']:.1f}"]
+        else:  # video only: the direction in its embedding
+            scores = ["-"] * 6
+        rows.append([name or folder, *scores, f"{pairs['cosine']:.4f}", f"{pairs['other']:.4f}"])
         print(rows[-1], flush=True)
     body = (f"Zero-shot on SYNTH (4 frames at 96x96, {cfg.train.precision}, MC by "
-            f"`eval.mc_vtm_weight={cfg.eval.mc_vtm_weight:g}`); the last two columns over "
+            f"`eval.mc_vtm_weight={cfg.eval.mc_vtm_weight:g}`); the last three columns over "
             f"{args.clips} pre-training clips whose reversal contradicts their caption. "
-            "Accuracies in % (MC chance 20, clip against its reversal chance 50).\n\n"
+            "Accuracies in % (MC chance 20, clip against its reversal chance 50); the cosine "
+            "is between the video embeddings of a clip and of its reversal, and for scale "
+            "between those of two of these clips.\n\n"
             + table(["model", "MC static", "MC temporal", "temporal: one motion",
                      "temporal: order", "clip over its reversal, VTM",
-                     "clip over its reversal, VTC"], rows))
+                     "clip over its reversal, VTC", "embedding cosine, clip vs reversal",
+                     "vs another clip"],
+                    rows))
     update_section("temporal-mc", "Temporal facts: multiple choice and clips against their reversal",
                    f"python benchmarks/temporal_mc.py SYNTH NAME=MODEL ... --clips {args.clips}",
                    body)
