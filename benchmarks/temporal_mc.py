@@ -65,8 +65,9 @@ def mc_split(model, cfg, synth: Path, device) -> dict[str, float]:
 
 
 def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, float]:
-    """% of pre-training clips scored above their own reversal with their caption (VTM, VTC),
-    and the mean cosine of their video embeddings ("cosine")."""
+    """% of pre-training clips scored above their own reversal with their caption (VTM, VTC;
+    left out for a model without a text side), and the mean cosine of their video embeddings
+    ("cosine") and, for scale, of two different clips' ("other")."""
     dataset = build_dataset(synth / "pretrain.jsonl", str(synth), cfg.data, train=False,
                             kind="retrieval")
     has_text = getattr(model, "text_encoder", True) is not None  # a stage-1 UMT has none
@@ -77,7 +78,6 @@ def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, f
     for start in range(0, len(items), 32):
         chunk = items[start:start + 32]
         video = torch.stack([dataset[i]["video"] for i in chunk]).to(device)
-        captions = [captions_of(dataset.records[i])[0] for i in chunk]
         with torch.no_grad(), autocast(cfg.train.precision, device.type):
             forward, backward = model.encode_video(video), model.encode_video(video.flip(1))
             embedding = forward.embedding.float()
@@ -85,6 +85,7 @@ def against_reversal(model, cfg, synth: Path, clips: int, device) -> dict[str, f
             other += float((embedding * embedding.roll(1, 0)).sum())  # the next clip's
             if text is None:
                 continue
+            captions = [captions_of(dataset.records[i])[0] for i in chunk]
             encoded = {k: v.to(device) for k, v in text(captions).items()}
             words = model.encode_text(encoded["text_ids"], encoded["text_mask"])
             margins = {"VTM": model.match(forward, words) - model.match(backward, words),
@@ -121,7 +122,7 @@ def main() -> None:
         rows.append([name or folder, *scores, f"{pairs['cosine']:.4f}", f"{pairs['other']:.4f}"])
         print(rows[-1], flush=True)
     body = (f"Zero-shot on SYNTH (4 frames at 96x96, {cfg.train.precision}, MC by "
-            f"`eval.mc_vtm_weight={cfg.eval.mc_vtm_weight:g}`); the last three columns over "
+            f"`eval.mc_vtm_weight={cfg.eval.mc_vtm_weight:g}`); the last four columns over "
             f"{args.clips} pre-training clips whose reversal contradicts their caption. "
             "Accuracies in % (MC chance 20, clip against its reversal chance 50); the cosine "
             "is between the video embeddings of a clip and of its reversal, and for scale "
