@@ -117,10 +117,11 @@ def save_checkpoint(state: dict[str, Any], folder: str | os.PathLike, step: int,
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                    ) -> dict[str, Any]:
-    """Read a training checkpoint (tensors and plain containers only)."""
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a training checkpoint (tensors and plain containers only); with ``mmap`` the
+    tensors stay on disk until touched (for reading only its config)."""
+    return torch.load(Path(path), map_location=map_location, weights_only=True, mmap=mmap)
 
 
 # ---------------------------------------------------------------- RNG state
@@ -285,12 +286,17 @@ INPUT_SETTINGS = ("num_frames", "size", "max_text_len", "tokenizer", "normalizat
                   "std")
 
 
+def _pick_input_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``INPUT_SETTINGS`` present in ``data``; ``mean`` and ``std`` only with
+    ``normalization: custom``, the one that reads them."""
+    custom = data.get("normalization") == "custom"
+    return {key: data[key] for key in INPUT_SETTINGS
+            if key in data and (custom or key not in ("mean", "std"))}
+
+
 def input_settings(data_cfg: Any) -> dict[str, Any]:
-    """The ``INPUT_SETTINGS`` of a data config, as plain values (``mean`` and ``std`` only
-    with ``normalization: custom``, the one that reads them)."""
-    custom = data_cfg.normalization == "custom"
-    return to_plain({key: getattr(data_cfg, key) for key in INPUT_SETTINGS
-                     if custom or key not in ("mean", "std")})
+    """The input settings of a data config, as plain values (see ``_pick_input_settings``)."""
+    return _pick_input_settings(to_plain({key: getattr(data_cfg, key) for key in INPUT_SETTINGS}))
 
 
 def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -298,16 +304,14 @@ def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
     (a folder, or its ``model.safetensors``) or a training checkpoint's config; ``{}`` where
     none are recorded (weights converted from official checkpoints, older releases)."""
     path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
-        data = load_checkpoint(path).get("config", {}).get("data", {})
+    if path.is_file() and path.suffix == ".pt":  # its tensors are not read
+        data = load_checkpoint(path, mmap=True).get("config", {}).get("data", {})
     else:
         config = (path.parent if path.is_file() else path) / CONFIG_NAME
         if not config.is_file():
             return {}
         data = (json.loads(config.read_text()).get("extra") or {}).get("data", {})
-    custom = data.get("normalization") == "custom"
-    return {key: data[key] for key in INPUT_SETTINGS
-            if key in data and (custom or key not in ("mean", "std"))}
+    return _pick_input_settings(data)
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
