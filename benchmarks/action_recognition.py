@@ -38,9 +38,9 @@ from leanvl.data.datasets import build_dataset  # noqa: E402
 from leanvl.data.synthetic import CLASSES, REVERSE  # noqa: E402
 from leanvl.demo import cpu_settings  # noqa: E402
 from leanvl.engine.precision import autocast  # noqa: E402
+from leanvl.tasks.build import build_model, configure_threads  # noqa: E402
 from leanvl.tasks.classify import evaluate_classification, linear_probe  # noqa: E402
 from leanvl.tasks.finetune import load_finetuned, run_finetune  # noqa: E402
-from leanvl.tasks.pretrain import build_model, configure_threads  # noqa: E402
 
 DATA = ["data.num_frames=4", "data.size=96", "data.crop_scale=[0.8,1.0]", "data.batch_size=64",
         "data.num_workers=1"]

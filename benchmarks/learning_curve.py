@@ -23,8 +23,9 @@ from _report import table, update_section  # noqa: E402
 
 from leanvl.config import load_config  # noqa: E402
 from leanvl.data.datasets import build_dataset  # noqa: E402
+from leanvl.tasks.build import build_text_encoder  # noqa: E402
 from leanvl.tasks.mc import evaluate_mc  # noqa: E402
-from leanvl.tasks.pretrain import build_text_encoder, run_pretrain  # noqa: E402
+from leanvl.tasks.pretrain import run_pretrain  # noqa: E402
 from leanvl.tasks.retrieval import evaluate_retrieval  # noqa: E402
 
 KEYS = ("dual/t2v/R@1", "dual/t2v/R@10", "rerank/t2v/R@1", "accuracy", "accuracy/temporal",

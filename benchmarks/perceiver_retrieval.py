@@ -37,7 +37,7 @@ from leanvl.config import load_config  # noqa: E402
 from leanvl.data.datasets import build_dataset  # noqa: E402
 from leanvl.engine.checkpoint import load_pretrained  # noqa: E402
 from leanvl.metrics import retrieval_metrics  # noqa: E402
-from leanvl.tasks.pretrain import build_text_encoder  # noqa: E402
+from leanvl.tasks.build import build_text_encoder  # noqa: E402
 from leanvl.tasks.retrieval import encode_texts, encode_videos, similarity_matrix  # noqa: E402
 
 

@@ -38,9 +38,9 @@ from leanvl.data.datasets import build_dataset  # noqa: E402
 from leanvl.data.synthetic import temporal_fact_keys  # noqa: E402
 from leanvl.demo import cpu_settings  # noqa: E402
 from leanvl.engine.precision import autocast  # noqa: E402
+from leanvl.tasks.build import build_text_encoder, configure_threads  # noqa: E402
 from leanvl.tasks.finetune import load_finetuned  # noqa: E402
 from leanvl.tasks.mc import evaluate_mc  # noqa: E402
-from leanvl.tasks.pretrain import build_text_encoder, configure_threads  # noqa: E402
 
 # as the demo evaluates (its captions run past the default 40 tokens)
 DATA = ["data.num_frames=4", "data.size=96", "data.max_text_len=64", "data.num_workers=1",

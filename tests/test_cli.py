@@ -141,7 +141,7 @@ def test_eval_reads_with_the_settings_the_model_was_trained_with(tmp_path, monke
     from leanvl.engine.checkpoint import trained_input_settings
     from leanvl.models.registry import create_model
     from leanvl.tasks import finetune
-    from leanvl.tasks.pretrain import release
+    from leanvl.tasks.build import release
 
     trained = load_config(None, ["data.num_frames=2", "data.size=32", "data.max_text_len=64",
                                  "data.normalization=custom", "data.mean=[0.5,0.5,0.5]"])

@@ -657,7 +657,7 @@ def test_models_whose_similarity_is_final_are_not_reranked():
 
 
 def test_configure_threads_honours_data_cpu_threads(monkeypatch):
-    from leanvl.tasks.pretrain import configure_threads
+    from leanvl.tasks.build import configure_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

@@ -96,7 +96,8 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     from leanvl.config import SynthConfig, load_config
     from leanvl.data import synthetic
     from leanvl.engine.checkpoint import load_pretrained
-    from leanvl.tasks.pretrain import build_text_encoder, run_pretrain
+    from leanvl.tasks.build import build_text_encoder
+    from leanvl.tasks.pretrain import run_pretrain
 
     synth_cfg = SynthConfig(out=str(tmp_path / "synth"), workers=1, frames=8, size=32,
                             pretrain_clips=8, retrieval_test_clips=2, mc_test_clips=2,
@@ -130,7 +131,7 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
 def test_vocabulary_corpus_counts_questions_answers_options_and_text_lines(tmp_path):
     from leanvl.config import load_config
     from leanvl.data.annotations import AnnotationError, corpus_texts, write_annotations
-    from leanvl.tasks.pretrain import truncate_vocabulary
+    from leanvl.tasks.build import truncate_vocabulary
 
     captions = write_annotations([{"video": "a.mp4", "caption": ["a red square moves left"]},
                                   {"video": "b.mp4", "caption": "a blue star spins",

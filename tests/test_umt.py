@@ -100,7 +100,7 @@ def test_teacher_with_another_patch_size_sees_the_student_grid():
 def test_stage1_file_with_alignment_heads_starts_a_teacherless_stage2(tmp_path):
     from leanvl.config import ModelConfig
     from leanvl.engine.checkpoint import save_pretrained
-    from leanvl.tasks.pretrain import build_model
+    from leanvl.tasks.build import build_model
 
     stage1 = create_model("umt_tiny", stage=1, **TEACHER)
     save_pretrained(stage1, tmp_path / "s1", exclude_prefixes=("teacher.",))  # keeps uta_heads
@@ -117,7 +117,7 @@ def test_stage2_weights_start_a_video_only_model(tmp_path):
     and the bare log_temperature parameter are left out, the video encoder loads."""
     from leanvl.config import ModelConfig
     from leanvl.engine.checkpoint import save_pretrained
-    from leanvl.tasks.pretrain import build_model
+    from leanvl.tasks.build import build_model
 
     stage2 = create_model("umt_tiny", stage=2, mask_type="random", text={"vocab_size": 64})
     save_pretrained(stage2, tmp_path / "s2")

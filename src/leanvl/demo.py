@@ -92,7 +92,7 @@ def evaluate_all(model_dir: Path, synth_root: Path, cfg, progress: bool = True) 
     """Zero-shot retrieval, multiple choice and QA of released weights on the benchmark."""
     from leanvl.engine.checkpoint import load_pretrained
     from leanvl.engine.precision import autocast
-    from leanvl.tasks.pretrain import build_text_encoder
+    from leanvl.tasks.build import build_text_encoder
 
     model = load_pretrained(model_dir)
     text = build_text_encoder(cfg.data, model)

@@ -23,14 +23,14 @@ from torch import nn
 
 from leanvl.data.annotations import load_annotations
 from leanvl.data.datasets import build_dataset
-from leanvl.tasks.pretrain import (
+from leanvl.tasks.build import (
     build_model,
     build_text_encoder,
     build_train_loader,
     configure_threads,
-    run_pretrain,
     truncate_vocabulary,
 )
+from leanvl.tasks.pretrain import run_pretrain
 
 TASKS = ("retrieval", "qa", "mc", "classify")
 EVAL_TASKS = TASKS + ("probe",)  # probe: E-ViLM's linear probe of a frozen backbone
