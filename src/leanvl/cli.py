@@ -300,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="convert official checkpoints to leanvl weights")
-    p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "clip-visual"])
-    p.add_argument("source", help="official checkpoint (.pth/.pt/.bin/.safetensors)")
+    p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "clip-visual",
+                                    "perceiver-vl"])
+    p.add_argument("source", help="official checkpoint (.pth/.pt/.bin/.ckpt/.safetensors)")
     p.add_argument("out", help="output .safetensors file (umt-finetune: a folder gives "
-                   "released weights that `leanvl eval classify --model` loads)")
+                   "released weights that `leanvl eval classify --model` loads; perceiver-vl: "
+                   "always a folder, for `leanvl eval retrieval|mc --model`)")
     p.add_argument("--classes", help="umt-finetune: JSON list of class names (default: indices)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling (only for files you trust)")

@@ -23,6 +23,7 @@ Module layouts the converted weights are meant for:
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import re
 import warnings
@@ -247,3 +248,186 @@ def convert_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
     if is_timm_clip_naming(state):
         return convert_timm_clip_visual(state)
     return convert_openai_clip_visual(state)
+
+
+# ---- Perceiver-VL (the authors' Lightning checkpoint) ----------------------------------------
+#: authors' names -> leanvl's (variant="official"), for tensors that map one to one; the rest
+#: (split, merged, folded or unused tensors) are handled in ``convert_perceiver_vl``
+_PERCEIVER_VL_RENAMES = [
+    (r"^transformer\.patch_embed\.proj\.", "embed.patch_embed.proj."),
+    (r"^transformer\.latents$", "latents.latents"),
+    (r"^transformer\.crossatt_blocks_visual\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2|attn\.q|"
+     r"attn\.proj)\.", r"encoder.cross.\1.\2."),
+    (r"^transformer\.decoder_block_text\.0\.(norm1|norm2|mlp\.fc1|mlp\.fc2|attn\.q|attn\.proj)\.",
+     r"decoder.\1."),
+    (r"^transformer\.blocks\.(\d+)\.", r"encoder.self_layers.\1."),
+    (r"^transformer\.mlm_pos\.weight$", "query_pos"),
+    (r"^transformer\.co_norm\.", "encoder.context_norm."),
+    (r"^transformer\.norm\.", "encoder.norm."),
+    (r"^transformer\.decoder_norm\.", "decoder_norm."),
+    (r"^text_embeddings\.word_embeddings\.weight$", "embed.token_embed.weight"),
+    (r"^text_embeddings\.position_embeddings\.weight$", "embed.text_pos"),
+    (r"^text_embeddings\.LayerNorm\.", "embed.text_norm."),
+    (r"^mlm_score\.bias$", "mlm_head.bias"),
+    (r"^mlm_score\.transform\.dense\.", "mlm_head.transform.dense."),
+    (r"^mlm_score\.transform\.LayerNorm\.", "mlm_head.transform.norm."),
+    (r"^mlm_score\.decoder\.weight$", "mlm_head.decoder.weight"),
+    (r"^matching_score\.pooler\.dense\.", "vtm_head.dense."),
+    (r"^matching_score\.fc\.", "vtm_head.fc."),
+]
+#: tensors the authors' forward never reads (the Lightning module builds them anyway)
+PERCEIVER_VL_UNUSED = ("token_type_embeddings.weight", "text_embeddings.position_ids")
+
+
+def convert_perceiver_vl(state_dict: Mapping[str, Any]) -> tuple[StateDict, dict[str, Any]]:
+    """The authors' Perceiver-VL checkpoint (``perceivervl_mlm_itm_vtm.ckpt``, weights under
+    ``state_dict``) -> (state for ``PerceiverVL(variant="official")``, its shape kwargs).
+
+    Besides renaming: k and v merge into ``kv``; the per-frame [CLS] and its position row sum
+    into ``embed.frame_cls``; BERT's token-type row 0 becomes ``embed.text_type``; the decoder's
+    query is row 0 of ``cls_token_decoder`` (the only one the forward reads); the mask-type rows
+    swap (the authors' type 0 marks a predicted token, leanvl's ``query_mask_embed`` row 1).
+    ``PERCEIVER_VL_UNUSED``, BERT's token-type row 1 and rows 1.. of ``cls_token_decoder`` are
+    never read by the authors' forward and are dropped.
+    """
+    state = unwrap_state_dict(state_dict)
+    special = ("transformer.cls_token", "transformer.pos_embed", "transformer.cls_token_decoder",
+               "transformer.temporal_embed", "transformer.mlm_type.weight",
+               "text_embeddings.token_type_embeddings.weight")
+    absent = [key for key in special + ("transformer.latents", "transformer.blocks.0.mlp.fc1.weight",
+                                        "transformer.patch_embed.proj.weight",
+                                        "text_embeddings.word_embeddings.weight",
+                                        "text_embeddings.position_embeddings.weight")
+              if key not in state]
+    if absent:
+        raise CheckpointError(f"not a Perceiver-VL pre-training checkpoint: missing {absent}")
+    out: StateDict = {}
+    unknown = []
+    for key, value in state.items():
+        if key in special or key in PERCEIVER_VL_UNUSED:
+            continue
+        merged = re.match(r"^transformer\.(crossatt_blocks_visual\.(\d+)|decoder_block_text\.0)"
+                          r"\.attn\.([kv])\.(weight|bias)$", key)
+        if merged:
+            if merged.group(3) == "k":  # k and v stack into kv (k first), at k's turn
+                target = (f"encoder.cross.{merged.group(2)}" if merged.group(2) is not None
+                          else "decoder")
+                partner = key.replace(".attn.k.", ".attn.v.")
+                if partner not in state:
+                    raise CheckpointError(f"{key} has no {partner}")
+                out[f"{target}.attn.kv.{merged.group(4)}"] = torch.cat([value, state[partner]])
+            continue
+        for pattern, replacement in _PERCEIVER_VL_RENAMES:
+            new, hits = re.subn(pattern, replacement, key)
+            if hits:
+                out[new] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"keys with no place in Perceiver-VL (variant=official): {unknown} "
+                              "(a fine-tuned checkpoint's task heads are not supported)")
+    position = state["transformer.pos_embed"]
+    out["embed.frame_cls"] = state["transformer.cls_token"].reshape(1, -1) + position[0, :1]
+    out["embed.video_pos"] = position[:, 1:]
+    out["embed.temporal_embed"] = state["transformer.temporal_embed"].reshape(
+        -1, position.shape[-1])
+    out["embed.text_type"] = state["text_embeddings.token_type_embeddings.weight"][0]
+    out["query_cls"] = state["transformer.cls_token_decoder"][0, :1]
+    out["query_mask_embed.weight"] = state["transformer.mlm_type.weight"].flip(0)
+    out["encoder.layer_drop_calls"] = torch.zeros((), dtype=torch.long)
+    return out, _perceiver_vl_shape(state)
+
+
+def _perceiver_vl_shape(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``PerceiverVL`` kwargs that give the checkpoint's shapes."""
+    dim = int(state["transformer.latents"].shape[1])
+    patch = int(state["transformer.patch_embed.proj.weight"].shape[-1])
+    grid = math.isqrt(int(state["transformer.pos_embed"].shape[1]) - 1)
+    cross = len({k.split(".")[2] for k in state if k.startswith("transformer.crossatt_blocks")})
+    depth = len({k.split(".")[2] for k in state if k.startswith("transformer.blocks.")})
+    if not cross or depth % cross:
+        raise CheckpointError(f"{depth} self-attention blocks do not split evenly over {cross} "
+                              "cross-attentions")
+    return {"dim": dim, "num_heads": max(1, dim // 64),
+            "mlp_dim": int(state["transformer.blocks.0.mlp.fc1.weight"].shape[0]),
+            "num_latents": int(state["transformer.latents"].shape[0]),
+            "num_blocks": cross, "self_per_block": depth // cross, "patch_size": patch,
+            "image_size": grid * patch,
+            "max_frames": int(state["transformer.temporal_embed"].shape[1]),
+            "vocab_size": int(state["text_embeddings.word_embeddings.weight"].shape[0]),
+            "max_text_len": int(state["text_embeddings.position_embeddings.weight"].shape[0])}
+
+
+class _InertObject(dict):
+    """Stands in for an object of a class that a checkpoint names but ``load_tensors_only``
+    does not trust: it accepts whatever the unpickler hands it and runs nothing."""
+
+    __hash__ = object.__hash__
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _InertObject:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        """List-style pickles append items; they are dropped."""
+
+    def extend(self, items: Any) -> None:
+        """List-style pickles extend with items; they are dropped."""
+
+
+def _trusted_globals() -> dict[str, Any]:
+    """The globals torch's ``weights_only`` loader accepts (tensor rebuilders, dtypes, plain
+    containers), by ``module.name``."""
+    from torch import _weights_only_unpickler
+
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    for item in torch.serialization.get_safe_globals():
+        if not isinstance(item, tuple):
+            allowed[f"{item.__module__}.{item.__qualname__}"] = item
+    return allowed
+
+
+class _TensorsOnlyPickle:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only trusted globals and
+    turns every other one into an inert placeholder class."""
+
+    class Unpickler(pickle.Unpickler):
+        """Resolves trusted globals; every other name becomes an ``_InertObject`` subclass."""
+
+        trusted: dict[str, Any] = {}
+        placeholders: dict[str, type] = {}
+
+        def find_class(self, module: str, name: str) -> Any:
+            """The trusted object, or a placeholder class named after the untrusted one."""
+            key = f"{module}.{name}"
+            if key in self.trusted:
+                return self.trusted[key]
+            if key not in self.placeholders:
+                self.placeholders[key] = type(name, (_InertObject,), {"__module__": module})
+            return self.placeholders[key]
+
+    load = staticmethod(pickle.load)
+
+
+def load_tensors_only(path: str | Path) -> Any:
+    """A torch.save file (e.g. a PyTorch Lightning checkpoint) read without running code from
+    it: tensors and plain containers come back as saved; objects of any other class (training
+    callbacks, hyper-parameter containers, ...) become empty placeholders. For files that
+    ``weights_only=True`` refuses only because of such objects next to the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_checkpoint_file(path)
+    _TensorsOnlyPickle.Unpickler.trusted = _trusted_globals()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=_TensorsOnlyPickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path}: not a readable torch.save file ({error})") from None

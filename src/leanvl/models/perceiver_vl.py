@@ -71,6 +71,9 @@ from leanvl.nn.vit import Block, init_vit_weights
 log = logging.getLogger(__name__)
 
 STREAMS = ("single", "multi", "mixed")
+#: ``leanvl``: the paper's design with leanvl's choices; ``official``: the authors' code (see
+#: ``OfficialMatchingHead``, ``OfficialMLMHead`` and docs/perceiver_vl.md)
+VARIANTS = ("leanvl", "official")
 LOSSES = ("vtm", "mlm", "vtc")
 LAYOUTS = {"paper": (3, 3), "official": (3, 4)}  # (blocks k, self-attentions per block l)
 ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
@@ -104,8 +107,11 @@ class VideoTextEmbedding(nn.Module):
     """
 
     def __init__(self, dim: int, patch_size: int, image_size: int, max_frames: int,
-                 vocab_size: int, max_text_len: int) -> None:
+                 vocab_size: int, max_text_len: int, variant: str = "leanvl") -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.official = variant == "official"
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size "
                              f"{patch_size}")
@@ -117,11 +123,21 @@ class VideoTextEmbedding(nn.Module):
         self.temporal_embed = nn.Parameter(torch.empty(max_frames, dim))
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.text_pos = nn.Parameter(torch.empty(max_text_len, dim))
-        self.modality_embed = nn.Embedding(2, dim)
+        if self.official:
+            # the authors' input array: a [CLS] per frame (its position row folded in), no
+            # modality embedding for video, BERT's embedding sum and LayerNorm for text
+            self.frame_cls = nn.Parameter(torch.empty(1, dim))
+            self.text_type = nn.Parameter(torch.empty(dim))
+            self.text_norm = nn.LayerNorm(dim, eps=1e-12)
+            nn.init.trunc_normal_(self.frame_cls, std=0.02)
+            nn.init.normal_(self.text_type, std=0.02)
+        else:
+            self.modality_embed = nn.Embedding(2, dim)
         for table in (self.video_pos, self.temporal_embed, self.text_pos):
             nn.init.trunc_normal_(table, std=0.02)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
+        if not self.official:
+            nn.init.trunc_normal_(self.modality_embed.weight, std=0.02)
         self._resampled: dict[tuple[int, int], torch.Tensor] = {}
 
     def position(self, height: int, width: int) -> torch.Tensor:
@@ -135,8 +151,10 @@ class VideoTextEmbedding(nn.Module):
 
     def video(self, video: torch.Tensor, frame_mask: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """B x T x 3 x H x W (or B x 3 x H x W) -> (B x T*P x D tokens, B x T*P mask or None)."""
-        if video.dim() == 4:
+        """B x T x 3 x H x W (or B x 3 x H x W) -> (B x T*P x D tokens, B x T*P mask or None);
+        official variant: P + 1 tokens per frame (its [CLS] first)."""
+        is_image = video.dim() == 4
+        if is_image:
             video = video.unsqueeze(1)
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be B x T x 3 x H x W, got shape {tuple(video.shape)}")
@@ -151,16 +169,22 @@ class VideoTextEmbedding(nn.Module):
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2).reshape(batch, frames, grid_h * grid_w, self.dim)
         x = x + self.position(grid_h, grid_w).unsqueeze(1)
-        if frames > 1:  # images (one-frame videos) get no temporal embedding
-            x = x + self.temporal_embed[:frames, None, :]
-        x = x + self.modality_embed.weight[VIDEO]
+        if self.official:
+            x = torch.cat([self.frame_cls.expand(batch, frames, 1, -1), x], dim=2)
+            if not is_image:  # the authors' code: every frame of a video, none for an image
+                x = x + self.temporal_embed[:frames, None, :]
+        else:
+            if frames > 1:  # images (one-frame videos) get no temporal embedding
+                x = x + self.temporal_embed[:frames, None, :]
+            x = x + self.modality_embed.weight[VIDEO]
+        per_frame = x.shape[2]
         mask = None
         if frame_mask is not None:
             if frame_mask.shape != (batch, frames):
                 raise ValueError(f"frame mask must be B x T = ({batch}, {frames}), got "
                                  f"{tuple(frame_mask.shape)}")
-            mask = frame_mask.bool().repeat_interleave(grid_h * grid_w, dim=1)
-        return x.reshape(batch, frames * grid_h * grid_w, self.dim), mask
+            mask = frame_mask.bool().repeat_interleave(per_frame, dim=1)
+        return x.reshape(batch, frames * per_frame, self.dim), mask
 
     def text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """B x L ids -> B x L x D tokens."""
@@ -170,12 +194,47 @@ class VideoTextEmbedding(nn.Module):
         if ids.shape[1] > self.max_text_len:
             raise ValueError(f"text of {ids.shape[1]} tokens exceeds max_text_len="
                              f"{self.max_text_len} (set data.max_text_len)")
-        return (self.token_embed(ids) + self.text_pos[: ids.shape[1]]
-                + self.modality_embed.weight[TEXT])
+        tokens = self.token_embed(ids) + self.text_pos[: ids.shape[1]]
+        if self.official:
+            return self.text_norm(tokens + self.text_type)
+        return tokens + self.modality_embed.weight[TEXT]
 
     def no_weight_decay(self) -> set[str]:
-        """Position and temporal tables are not decayed."""
-        return {"video_pos", "temporal_embed", "text_pos"}
+        """Position and temporal tables (and the official per-frame [CLS]) are not decayed."""
+        return {"video_pos", "temporal_embed", "text_pos"} | ({"frame_cls"} if self.official
+                                                               else set())
+
+
+class OfficialMatchingHead(nn.Module):
+    """The authors' VTM head: ``fc(tanh(dense(cls)))`` over two classes; returns the match
+    class's logit (index 1) as ... x 1, the shape of the default ``nn.Linear(dim, 1)`` head."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, 2)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        """... x D -> ... x 1 match logits."""
+        return self.fc(torch.tanh(self.dense(cls)))[..., 1:]
+
+
+class OfficialMLMHead(nn.Module):
+    """The authors' MLM head (BERT's): dense -> GELU -> LayerNorm (eps 1e-12), then an untied
+    decoder without bias plus a separate bias."""
+
+    def __init__(self, dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(dim, dim)
+        self.transform.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.decoder = nn.Linear(dim, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """... x D -> ... x vocabulary logits."""
+        x = self.transform.norm(F.gelu(self.transform.dense(x)))
+        return self.decoder(x) + self.bias
 
 
 @dataclass
@@ -196,15 +255,24 @@ class PerceiverVL(VideoLanguageModel):
                  num_latents: int = 128, num_blocks: int = 3, self_per_block: int = 3,
                  patch_size: int = 32, image_size: int = 384, max_frames: int = 32,
                  vocab_size: int = 30522, max_text_len: int = 40, aggregation: str = "joint",
-                 stream: str = "mixed", layer_drop: float = 0.5,
+                 stream: str | None = None, layer_drop: float = 0.5,
                  num_cross_layers: int | None = None, losses: Sequence[str] | None = None,
                  mlm_ratio: float = 0.15, vtm_swap_prob: float = 0.5, embed_dim: int = 256,
                  temperature: float = 0.07, latent_resize: str = "new", init: str = "",
                  freeze_pretrained: bool = False, act: str = "gelu", norm_eps: float = 1e-6,
-                 drop_path: float = 0.0, latent_init_std: float = 0.02, seed: int = 0,
+                 drop_path: float = 0.0, latent_init_std: float | None = None, seed: int = 0,
                  special_ids: dict[str, int] | None = None, pair_chunk: int = 65536,
-                 text_vocab_ids: Sequence[int] | None = None) -> None:
+                 text_vocab_ids: Sequence[int] | None = None, variant: str = "leanvl") -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        official = variant == "official"
+        self.variant = variant
+        # defaults that differ by variant: the authors score single-stream only and draw
+        # their latents from N(0, 1)
+        stream = stream or ("single" if official else "mixed")
+        if latent_init_std is None:
+            latent_init_std = 1.0 if official else 0.02
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         if aggregation not in AGGREGATIONS:
@@ -232,32 +300,48 @@ class PerceiverVL(VideoLanguageModel):
         act_layer = ACTIVATIONS[act]
 
         self.embed = VideoTextEmbedding(dim, patch_size, image_size, max_frames, vocab_size,
-                                        max_text_len)
-        self.latents = LatentArray(num_latents, dim, latent_init_std)
+                                        max_text_len, variant)
+        self.latents = LatentArray(num_latents, dim, latent_init_std, position=not official)
         self.latents.resize = latent_resize
         self.encoder = PerceiverEncoder(dim, num_heads, num_blocks, self_per_block, mlp_dim,
                                         aggregation, layer_drop, seed, drop_path, norm_eps,
-                                        act_layer=act_layer)
+                                        act_layer=act_layer, shared_context_norm=official,
+                                        cross_residual_from_norm=official)
         # decoder: one cross-attention block from the query array to the latents
         self.query_cls = nn.Parameter(torch.empty(1, dim))
         self.query_pos = nn.Parameter(torch.empty(max_text_len, dim))
         self.query_mask_embed = nn.Embedding(2, dim)
-        self.stream_embed = nn.Embedding(2, dim)
+        # the authors' single-stream model has no stream embedding, projections or temperature
+        self.has_dual_parts = not official or stream != "single" or "vtc" in self.losses
+        if self.has_dual_parts:
+            self.stream_embed = nn.Embedding(2, dim)
+        # the official decoder reads the latents as the encoder's final norm leaves them
         self.decoder = CrossAttentionBlock(dim, num_heads, mlp_dim=mlp_dim, norm_eps=norm_eps,
-                                           act_layer=act_layer)
+                                           act_layer=act_layer, residual_from_norm=official,
+                                           context_norm=not official)
         self.decoder_norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.vtm_head = nn.Linear(dim, 1)
-        self.mlm_head = nn.Linear(dim, vocab_size)
-        self.mlm_head.weight = self.embed.token_embed.weight  # tied: a linear head, no new matrix
-        self.video_proj = nn.Linear(dim, embed_dim)
-        self.text_proj = nn.Linear(dim, embed_dim)
-        self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
+        if official:
+            self.vtm_head = OfficialMatchingHead(dim)
+            self.mlm_head = OfficialMLMHead(dim, vocab_size)
+        else:
+            self.vtm_head = nn.Linear(dim, 1)
+            self.mlm_head = nn.Linear(dim, vocab_size)
+            # tied: a linear head, no new matrix
+            self.mlm_head.weight = self.embed.token_embed.weight
+        self.video_proj = self.text_proj = None
+        if self.has_dual_parts:
+            self.video_proj = nn.Linear(dim, embed_dim)
+            self.text_proj = nn.Linear(dim, embed_dim)
+            self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
         for table in (self.query_cls, self.query_pos):
             nn.init.trunc_normal_(table, std=0.02)
-        for module in (self.query_mask_embed, self.stream_embed):
-            nn.init.trunc_normal_(module.weight, std=0.02)
+        for module in (self.query_mask_embed, getattr(self, "stream_embed", None)):
+            if module is not None:
+                nn.init.trunc_normal_(module.weight, std=0.02)
         self.apply(init_vit_weights)  # the tied MLM head re-initialises the token embedding
         nn.init.zeros_(self.mlm_head.bias)
+        if official:
+            nn.init.normal_(self.latents.latents, std=latent_init_std)
         self.fused_dim = self.video_dim = dim
         self.frozen_prefixes: tuple[str, ...] = ()
         if init:
@@ -316,9 +400,11 @@ class PerceiverVL(VideoLanguageModel):
                                      latents=latents)
 
     @staticmethod
-    def pooled_embedding(latents: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """The dual-encoder embedding of an encoding: its mean latent, projected, normalised."""
-        return F.normalize(projection(latents.mean(dim=1)), dim=-1)
+    def pooled_embedding(latents: torch.Tensor, projection: nn.Linear | None) -> torch.Tensor:
+        """The dual-encoder embedding of an encoding: its mean latent, projected, normalised
+        (not projected in a model without projections: the official single-stream one)."""
+        pooled = latents.mean(dim=1)
+        return F.normalize(pooled if projection is None else projection(pooled), dim=-1)
 
     def joint_latents(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
                       ) -> torch.Tensor:
@@ -414,7 +500,7 @@ class PerceiverVL(VideoLanguageModel):
                  + scale_t[..., None] * text.values[None]) / total[..., None]
         attn = self.decoder.attn
         out = attn.proj(mixed.flatten(2))  # Bv x Bt x D
-        cls = self.decoder.mlp_part(self.query_cls + out)
+        cls = self.decoder.mlp_part(self.decoder.residual_input(self.query_cls) + out)
         return self.vtm_logits(self.decoder_norm(cls))
 
     def similarity(self, video: PerceiverVideoFeatures, text: PerceiverTextFeatures
@@ -678,9 +764,12 @@ def _perceiver(size: str, layout: str | None, **kwargs: Any) -> PerceiverVL:
 
 
 @register_model("perceiver_vl_b32")
-def perceiver_vl_b32(layout: str = "paper", **kwargs: Any) -> PerceiverVL:
-    """Perceiver-VL B/32 at 384x384, N=128 latents; ``layout`` paper (k=3, l=3) or official
-    (12 self-attentions, cross-attention before layers 1/5/9, as for ViT/CLIP initialisation)."""
+def perceiver_vl_b32(layout: str | None = None, **kwargs: Any) -> PerceiverVL:
+    """Perceiver-VL B/32 at 384x384, N=128 latents; ``layout`` paper (k=3, l=3; the default)
+    or official (12 self-attentions, cross-attention before layers 1/5/9, as for ViT/CLIP
+    initialisation; the default of ``variant="official"``, the authors' model)."""
+    if layout is None:
+        layout = "official" if kwargs.get("variant") == "official" else "paper"
     return _perceiver("b32", layout, **kwargs)
 
 

@@ -42,15 +42,23 @@ AGGREGATIONS = ("joint", "separate", "separate_plus")
 
 
 class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention block: x + attn(norm1(x), norm_context(c)), x + mlp(norm2(x))."""
+    """Pre-norm cross-attention block: x + attn(norm1(x), norm_context(c)), x + mlp(norm2(x)).
+
+    ``residual_from_norm=True`` adds the attention output to ``norm1(x)`` instead of ``x`` (the
+    Perceiver-VL authors' code); ``context_norm=False`` leaves the context as it comes (a caller
+    that normalises it once, or a context that is already normalised).
+    """
 
     def __init__(self, dim: int, num_heads: int, context_dim: int | None = None,
                  mlp_dim: int | None = None, qkv_bias: bool = True, drop_path: float = 0.0,
-                 norm_eps: float = 1e-6, act_layer: Callable[[], nn.Module] = nn.GELU) -> None:
+                 norm_eps: float = 1e-6, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 residual_from_norm: bool = False, context_norm: bool = True) -> None:
         super().__init__()
         context_dim = context_dim or dim
+        self.residual_from_norm = bool(residual_from_norm)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.norm_context = nn.LayerNorm(context_dim, eps=norm_eps)
+        self.norm_context = (nn.LayerNorm(context_dim, eps=norm_eps) if context_norm
+                             else nn.Identity())
         self.attn = CrossAttention(dim, num_heads, context_dim, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_dim or 4 * dim, act_layer=act_layer)
@@ -59,8 +67,18 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """B x Nq x D queries attend to B x Nk x Dc context (mask: True = valid)."""
-        x = x + self.drop_path(self.attn(self.norm1(x), self.norm_context(context), context_mask))
+        queries = self.norm1(x)
+        x = self.residual_input(x, queries)
+        x = x + self.drop_path(self.attn(queries, self.norm_context(context), context_mask))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def residual_input(self, x: torch.Tensor, normed: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """What the attention output is added to: ``x``, or ``norm1(x)`` with
+        ``residual_from_norm`` (``normed`` spares recomputing it)."""
+        if not self.residual_from_norm:
+            return x
+        return self.norm1(x) if normed is None else normed
 
     def mlp_part(self, x: torch.Tensor) -> torch.Tensor:
         """The block after its attention: x + mlp(norm2(x)) (for callers that attend themselves)."""
@@ -68,14 +86,17 @@ class CrossAttentionBlock(nn.Module):
 
 
 class LatentArray(nn.Module):
-    """N learned latent vectors plus a learned position embedding, expanded over the batch."""
+    """N learned latent vectors plus a learned position embedding, expanded over the batch
+    (``position=False``: the latents alone, as in the Perceiver-VL authors' code)."""
 
-    def __init__(self, num_latents: int, dim: int, init_std: float = 0.02) -> None:
+    def __init__(self, num_latents: int, dim: int, init_std: float = 0.02,
+                 position: bool = True) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.empty(num_latents, dim))
-        self.position = nn.Parameter(torch.empty(num_latents, dim))
+        self.position = nn.Parameter(torch.empty(num_latents, dim)) if position else None
         nn.init.trunc_normal_(self.latents, std=init_std)
-        nn.init.trunc_normal_(self.position, std=0.02)
+        if self.position is not None:
+            nn.init.trunc_normal_(self.position, std=0.02)
 
     @property
     def num_latents(self) -> int:
@@ -84,7 +105,8 @@ class LatentArray(nn.Module):
 
     def forward(self, batch_size: int) -> torch.Tensor:
         """B x N x D initial latents."""
-        return (self.latents + self.position).unsqueeze(0).expand(batch_size, -1, -1)
+        latents = self.latents if self.position is None else self.latents + self.position
+        return latents.unsqueeze(0).expand(batch_size, -1, -1)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -95,7 +117,7 @@ class LatentArray(nn.Module):
             key = prefix + name
             stored = state_dict.get(key)
             own = getattr(self, name)
-            if stored is None or stored.shape == own.shape:
+            if stored is None or own is None or stored.shape == own.shape:
                 continue
             if stored.shape[1:] != own.shape[1:]:
                 continue  # a width mismatch is a real error; let the default loader report it
@@ -121,12 +143,17 @@ class PerceiverEncoder(nn.Module):
     mask B x M or None)}`` with modalities ``video`` and/or ``text``. Self-attention layers are
     ``self_layers.{i}`` (timm ViT block names, so ViT weights load into them); cross-attentions are
     ``cross.{b}`` (joint, or the video side of separate modes) and ``cross_text.{b}``.
+
+    ``shared_context_norm=True`` normalises the input array once (``context_norm``, the
+    authors' ``co_norm``) instead of in every cross-attention; ``cross_residual_from_norm``
+    is ``CrossAttentionBlock``'s ``residual_from_norm`` for every cross-attention.
     """
 
     def __init__(self, dim: int, num_heads: int, num_blocks: int = 3, self_per_block: int = 3,
                  mlp_dim: int | None = None, aggregation: str = "joint", layer_drop: float = 0.0,
                  layer_drop_seed: int = 0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 qkv_bias: str | bool = "qkv", act_layer: Callable[[], nn.Module] = nn.GELU
+                 qkv_bias: str | bool = "qkv", act_layer: Callable[[], nn.Module] = nn.GELU,
+                 shared_context_norm: bool = False, cross_residual_from_norm: bool = False
                  ) -> None:
         super().__init__()
         if aggregation not in AGGREGATIONS:
@@ -147,12 +174,15 @@ class PerceiverEncoder(nn.Module):
 
         def cross() -> nn.ModuleList:
             return nn.ModuleList(CrossAttentionBlock(dim, num_heads, mlp_dim=mlp_dim,
-                                                     norm_eps=norm_eps, act_layer=act_layer)
+                                                     norm_eps=norm_eps, act_layer=act_layer,
+                                                     residual_from_norm=cross_residual_from_norm,
+                                                     context_norm=not shared_context_norm)
                                  for _ in range(num_blocks))
 
         self.cross = cross()
         self.cross_text = cross() if aggregation != "joint" else None
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.context_norm = nn.LayerNorm(dim, eps=norm_eps) if shared_context_norm else None
         # Counts training forward passes: seeds LayerDrop identically on every rank.
         self.register_buffer("layer_drop_calls", torch.zeros((), dtype=torch.long))
 
@@ -200,6 +230,9 @@ class PerceiverEncoder(nn.Module):
         if unknown or not inputs:
             raise ValueError(f"inputs must have 'video' and/or 'text', got {sorted(inputs)}")
         active = self.active_blocks(num_cross_layers)
+        if self.context_norm is not None:  # once here, not in every cross-attention
+            inputs = {name: (self.context_norm(tokens), mask)
+                      for name, (tokens, mask) in inputs.items()}
         joint = None
         if self.cross_text is None:
             parts = [inputs[m] for m in ("video", "text") if m in inputs]
