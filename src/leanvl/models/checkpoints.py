@@ -18,6 +18,9 @@ Module layouts the converted weights are meant for:
   ``PooledClassifier(768, num_classes)`` (``fc_norm -> norm``, ``head -> head``).
 - ``convert_openai_clip_visual`` / ``convert_timm_clip_visual`` return a state dict for
   ``CLIPVisionTeacher`` (OpenAI CLIP's visual names, 2-D ``conv1``).
+- ``convert_perceiver_vl`` (the Perceiver-VL authors' Lightning checkpoint) returns the state of
+  ``perceiver_vl_b32(variant="official")`` and the size kwargs read from its shapes;
+  ``load_tensors_only`` reads such a checkpoint without running code from it.
 """
 
 from __future__ import annotations

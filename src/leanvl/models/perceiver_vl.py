@@ -38,6 +38,13 @@ and final norm load; cross-attentions, latents, text embeddings, decoder and hea
 from scratch. ``freeze_pretrained=True`` is the first stage of the paper's two-stage schedule
 (train only what was not loaded); the second stage continues from its weights with everything
 trainable.
+
+``variant="official"`` is the authors' model (zinengtang/Perceiver_VL), the one their released
+checkpoint needs (``leanvl convert perceiver-vl``): a [CLS] token per frame, BERT's text
+embedding (word + position + token type, LayerNorm), cross-attentions whose residual is
+``norm1(x)``, one shared norm over the input array and none on the decoder's context, a pooled
+two-class VTM head (the match logit is class 1) and BERT's MLM head; latents without position,
+single stream by default. docs/perceiver_vl.md compares it point by point with the default.
 """
 
 from __future__ import annotations
