@@ -693,9 +693,10 @@ class PerceiverVL(VideoLanguageModel):
         return len(self.encoder.self_layers)
 
     def layer_id(self, name: str) -> int:
-        """0 for the input embeddings and latents, i + 1 for self-attention layer i (a block's
-        cross-attention shares the depth of the self-attention it precedes), top otherwise."""
-        if name.startswith(("embed.", "latents.")):
+        """0 for the input embeddings, latents and the official variant's shared input norm,
+        i + 1 for self-attention layer i (a block's cross-attention shares the depth of the
+        self-attention it precedes), top otherwise."""
+        if name.startswith(("embed.", "latents.", "encoder.context_norm.")):
             return 0
         if name.startswith("encoder.self_layers."):
             return int(name.split(".")[2]) + 1
