@@ -176,6 +176,12 @@ def test_stage2_converter_refuses_untied_decoder_and_unknown_keys():
         convert_umt_stage2(untied)
     with pytest.raises(CheckpointError, match="text_decoder"):
         convert_umt_stage2({**official, "text_decoder.bert.x": torch.zeros(1)})
+    # xbert keeps BERT's position ids as a buffer in the file: 0, 1, 2, ... is all it may hold
+    positions = "text_encoder.bert.embeddings.position_ids"
+    assert not any("position_ids" in key for key in
+                   convert_umt_stage2({**official, positions: torch.arange(512)[None]}))
+    with pytest.raises(CheckpointError, match="position_ids"):
+        convert_umt_stage2({**official, positions: torch.arange(512).flip(0)[None]})
 
 
 # ------------------------------------------------------------------------------ stage 1

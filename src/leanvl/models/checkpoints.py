@@ -327,7 +327,8 @@ def convert_umt_stage2(state_dict: Mapping[str, Any]) -> StateDict:
     ``vision_encoder.encoder.*`` -> ``video_encoder.*``, ``vision_encoder.clip_decoder.i`` ->
     ``uta_heads.i``, ``vision_encoder.pool_norm`` -> ``pool_norm``, ``text_encoder.[bert.]*`` ->
     ``text_encoder.*``, ``cls.predictions.{transform,bias}`` -> ``text_encoder.mlm_head.*`` (its
-    decoder is tied to the word embeddings, as in BERT: checked, not stored), ``temp`` ->
+    decoder is tied to the word embeddings, as in BERT: checked, not stored; so is xbert's
+    ``position_ids`` buffer), ``temp`` ->
     ``log_temperature`` (its log); ``vision_proj``, ``text_proj``, ``itm_head`` keep their names.
     """
     state = unwrap_state_dict(state_dict)
@@ -347,7 +348,10 @@ def convert_umt_stage2(state_dict: Mapping[str, Any]) -> StateDict:
         elif key.startswith("text_encoder."):
             inner = key[len("text_encoder."):]
             name = _bert_names(inner)
-            if name is not None:
+            if inner.endswith("embeddings.position_ids"):  # xbert's buffer: 0, 1, 2, ...
+                if not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
+                    raise CheckpointError(f"'{key}' is not 0, 1, 2, ...; BERT's positions are")
+            elif name is not None:
                 out["text_encoder." + name] = value
             elif inner in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
                 tied[inner] = value
