@@ -496,3 +496,21 @@ def test_converted_stage2_runs_the_authors_retrieval_and_mc_protocol(tmp_path, t
         cosines = (frames[0] @ option_feats.embedding.t()).mean(dim=0) / model.temperature
         expected = 0.7 * logits.softmax(dim=1)[:, 1] + 0.3 * cosines.softmax(dim=0)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_command_names_bad_outputs_and_options(tmp_path, capsys):
+    from leanvl.cli import main
+
+    source = tmp_path / "b16_tiny.pth"
+    torch.save({"model": _official_tiny_state()}, source)
+    assert main(["convert", "umt-stage2", str(source), str(tmp_path / "out.txt")]) == 2
+    assert "folder (released weights) or a .safetensors file" in capsys.readouterr().err
+    assert main(["convert", "umt-stage1", str(source), str(tmp_path / "s1.safetensors"),
+                 "--position-frames", "4"]) == 2
+    assert "only applies to umt-stage2" in capsys.readouterr().err
+    # a .safetensors output keeps the alignment heads, for model.pretrained= with a teacher
+    assert main(["convert", "umt-stage2", str(source), str(tmp_path / "all.safetensors")]) == 0
+    from leanvl.engine.checkpoint import safetensors_keys
+
+    keys = safetensors_keys(tmp_path / "all.safetensors")
+    assert "uta_heads.1.norm.weight" in keys and "text_encoder.mlm_head.decoder.weight" in keys
