@@ -143,17 +143,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate released weights on data.test for one task."""
     from leanvl.config import load_config
-    from leanvl.engine.checkpoint import trained_input_settings
+    from leanvl.engine.checkpoint import released_eval_settings, trained_input_settings
     from leanvl.engine.distributed import is_main
     from leanvl.tasks.finetune import run_eval
 
     extra = [f"model.pretrained={args.model}"] if args.model else []
     cfg = _run_config(args.config, args.overrides, extra)
     trained = trained_input_settings(cfg.model.pretrained) if cfg.model.pretrained else {}
-    if trained:  # the model's own input settings, unless the config or command line sets them
-        cfg = load_config(args.config, list(args.overrides) + extra, base={"data": trained})
-        if not args.quiet and is_main():
+    # the weights' own evaluation settings (converted UMT: the authors' protocol), likewise
+    eval_settings = released_eval_settings(cfg.model.pretrained) if cfg.model.pretrained else {}
+    if trained or eval_settings:
+        base = {"data": trained, "eval": eval_settings}
+        cfg = load_config(args.config, list(args.overrides) + extra, base=base)
+        if trained and not args.quiet and is_main():
             print(_input_settings_line(trained, cfg.data), file=sys.stderr)
+        if eval_settings and not args.quiet and is_main():
+            print("leanvl: evaluation settings of the weights (the command line overrides): "
+                  + ", ".join(f"eval.{k}={cfg.eval[k]}" for k in eval_settings), file=sys.stderr)
     metrics = run_eval(cfg, args.task, progress=not args.quiet)
 
     if is_main():  # under torchrun every rank has the same metrics
@@ -193,7 +199,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from leanvl.models.convert import convert_checkpoint
 
     summary = convert_checkpoint(args.kind, args.source, args.out, allow_pickle=args.allow_pickle,
-                                 classes=args.classes)
+                                 classes=args.classes, frames=args.frames,
+                                 position_frames=args.position_frames)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -300,13 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="convert official checkpoints to leanvl weights")
-    p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "clip-visual",
+    p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "umt-stage2", "clip-visual",
                                     "perceiver-vl"])
     p.add_argument("source", help="official checkpoint (.pth/.pt/.bin/.ckpt/.safetensors)")
     p.add_argument("out", help="output .safetensors file (umt-finetune: a folder gives "
                    "released weights that `leanvl eval classify --model` loads; perceiver-vl: "
                    "always a folder, for `leanvl eval retrieval|mc --model`)")
     p.add_argument("--classes", help="umt-finetune: JSON list of class names (default: indices)")
+    p.add_argument("--frames", type=int, help="umt-finetune: frames of a stored position table "
+                   "(default: found from the table); umt-stage2: frames the released weights "
+                   "read (default 4 for pre-training checkpoints, 12 for fine-tuned ones)")
+    p.add_argument("--position-frames", type=int, default=0,
+                   help="umt-stage2: frames the checkpoint was trained with; its position table "
+                   "is resampled in time to the frames evaluated (the authors' ckpt_num_frame; "
+                   "default: off, the 1-D table runs over all positions)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow full unpickling (only for files you trust)")
     p.set_defaults(func=cmd_convert)

@@ -314,6 +314,17 @@ def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
     return _pick_input_settings(data)
 
 
+def released_eval_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The evaluation settings released weights ask for (``extra.eval`` of config.json, e.g.
+    the authors' re-ranking depth and multiple-choice weights of converted UMT models); ``{}``
+    where none are recorded."""
+    path = Path(path)
+    config = (path.parent if path.is_file() else path) / CONFIG_NAME
+    if path.suffix == ".pt" or not config.is_file():
+        return {}
+    return dict((json.loads(config.read_text()).get("extra") or {}).get("eval") or {})
+
+
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                      ) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, with tied-weight aliases restored."""

@@ -12,7 +12,14 @@ A model is an ``nn.Module`` registered under a name (``models/registry.py``) and
   dot product of the normalised ``embedding``s divided by the model's temperature).
 
 Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_answers``,
-``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``.
+``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``,
+``rerank_logit(video_feats, text_feats) -> B``: the score retrieval re-ranks its top-k by when
+it is not ``match`` (UMT's 2-way head: the raw match logit, while ``match`` stays log-odds).
+
+``VideoFeatures.embedding`` is L2-normalised, with one exception: a model that scores a clip
+against a text by the mean over its frames of per-frame cosines (UMT's ``keep_temporal``)
+stores the mean of the per-frame unit vectors, not re-normalised, so that the dual-encoder
+score stays one dot product with the text embedding (what a vector index needs).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class VideoFeatures:
     padded_fields: ClassVar[tuple[str, ...]] = ()
 
     tokens: torch.Tensor  # B x N x D (what the cross-encoder attends to)
-    embedding: torch.Tensor  # B x E, L2-normalised (contrastive space)
+    embedding: torch.Tensor  # B x E, L2-normalised (contrastive space); see the module docstring
     mask: torch.Tensor | None = None  # B x N, 1 = valid token
 
     def index(self, rows) -> VideoFeatures:

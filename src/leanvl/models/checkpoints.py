@@ -15,7 +15,12 @@ Module layouts the converted weights are meant for:
   ``depth - K + i`` (after the shared final ``norm``) with teacher block ``L - K + i``.
 - ``convert_umt_finetune`` (UMT action classifiers: no final ``norm``, ``fc_norm``, ``head``)
   returns ``(student, classifier)``: ``VideoViT(..., final_norm=False)`` and
-  ``PooledClassifier(768, num_classes)`` (``fc_norm -> norm``, ``head -> head``).
+  ``PooledClassifier(768, num_classes)`` (``fc_norm -> norm``, ``head -> head``). Classifiers
+  fine-tuned at another grid than 8 x 14 x 14 (16 frames, 384 px) store their position table as
+  ``pos_embed``; it stays in ``student`` for ``VideoViT(stored_table=True, table_frames=t,
+  table_patches=p)``, with (t, p) from ``stored_table_grid``.
+- ``convert_umt_stage2`` (UMT vision-language checkpoints, pre-training or fine-tuned) returns
+  the state of a stage-2 ``UMT`` built with ``umt_stage2_kwargs`` of the same state.
 - ``convert_openai_clip_visual`` / ``convert_timm_clip_visual`` return a state dict for
   ``CLIPVisionTeacher`` (OpenAI CLIP's visual names, 2-D ``conv1``).
 - ``convert_perceiver_vl`` (the Perceiver-VL authors' Lightning checkpoint) returns the state of
@@ -104,9 +109,10 @@ def _is_flat(state: Mapping) -> bool:
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
-                           source: str = "state dict") -> None:
-    """Strict ``load_state_dict`` whose error lists all missing/unexpected keys and the source."""
-    result = module.load_state_dict(state, strict=False)
+                           source: str = "state dict", assign: bool = False) -> None:
+    """Strict ``load_state_dict`` whose error lists all missing/unexpected keys and the source
+    (``assign``: take the tensors themselves, e.g. into a module on the meta device)."""
+    result = module.load_state_dict(state, strict=False, assign=assign)
     problems = []
     if result.missing_keys:
         problems.append(f"missing keys ({len(result.missing_keys)}): "
@@ -119,13 +125,17 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
                               + "; ".join(problems))
 
 
-def _check_sincos_buffer(name: str, value: torch.Tensor) -> None:
-    """Accept a stored ``pos_embed`` only if it is the fixed table VideoViT recomputes."""
+def _is_sincos(value: torch.Tensor) -> bool:
+    """Whether a stored table is the plain 1-D sine-cosine table over its positions."""
     from leanvl.nn.vit import sincos_table
 
     table = value.reshape(-1, value.shape[-1]).float()
-    expected = sincos_table(table.shape[0], table.shape[1])
-    if not torch.allclose(table, expected, atol=1e-4):
+    return torch.allclose(table, sincos_table(table.shape[0], table.shape[1]), atol=1e-4)
+
+
+def _check_sincos_buffer(name: str, value: torch.Tensor) -> None:
+    """Accept a stored ``pos_embed`` only if it is the fixed table VideoViT recomputes."""
+    if not _is_sincos(value):
         raise CheckpointError(f"'{name}' is a learned position embedding; VideoViT only "
                               "supports the fixed sine-cosine table")
 
@@ -153,13 +163,15 @@ def convert_umt_pretrain(state_dict: Mapping[str, Any]) -> tuple[StateDict, Stat
 
 
 def convert_umt_finetune(state_dict: Mapping[str, Any]) -> tuple[StateDict, StateDict]:
-    """UMT action-classification checkpoint -> (VideoViT state, PooledClassifier state)."""
+    """UMT action-classification checkpoint -> (VideoViT state, PooledClassifier state); a
+    stored position table other than the plain 1-D one stays as ``pos_embed`` (1 x N x D)."""
     state = unwrap_state_dict(state_dict)
     student: StateDict = {}
     classifier: StateDict = {}
     for key, value in state.items():
         if key == "pos_embed":
-            _check_sincos_buffer(key, value)
+            if not _is_sincos(value):  # 16 frames / 384 px: the authors' resampled table
+                student[key] = value.reshape(1, -1, value.shape[-1])
         elif key.startswith("fc_norm."):
             classifier["norm." + key[len("fc_norm."):]] = value
         elif key.startswith("head."):
@@ -434,3 +446,154 @@ def load_tensors_only(path: str | Path) -> Any:
                           pickle_module=_TensorsOnlyPickle)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"{path}: not a readable torch.save file ({error})") from None
+
+
+#: the grid UMT's classifiers build their table for before resampling it (8 frames, 14 x 14)
+UMT_TABLE_GRID = (8, 14, 14)
+
+
+def authors_position_table(grid: tuple[int, int, int], dim: int,
+                           base: tuple[int, int, int] = UMT_TABLE_GRID) -> torch.Tensor:
+    """UMT's classifier table for a (t, h, w) grid: the 1-D table over ``base``, resampled
+    bicubically in space and linearly in time (``VideoViT``'s ``table_frames`` mode)."""
+    from leanvl.nn.vit import resample_position_table, sincos_table
+
+    table = sincos_table(base[0] * base[1] * base[2], dim)
+    return table[None] if tuple(grid) == tuple(base) else \
+        resample_position_table(table, base, grid)
+
+
+def stored_table_grid(table: torch.Tensor, frames: int | None = None) -> tuple[int, int, int]:
+    """The (t, h, w) token grid of a stored UMT position table (square grids).
+
+    With ``frames`` given, h = w = sqrt(N / frames). Otherwise the grid whose authors' table
+    (``authors_position_table``) equals the stored one: the authors add the table detached,
+    so fine-tuning leaves it as built. Raises when neither decides.
+    """
+    table = table.reshape(-1, table.shape[-1]).float()
+    count, dim = table.shape
+    if frames:
+        side = round((count / frames) ** 0.5)
+        if frames * side * side != count:
+            raise CheckpointError(f"a position table of {count} tokens is not {frames} frames "
+                                  "of a square grid")
+        return frames, side, side
+    candidates = [(t, round((count // t) ** 0.5)) for t in range(1, count + 1)
+                  if count % t == 0 and round((count // t) ** 0.5) ** 2 == count // t]
+    for t, side in candidates:
+        if side < 2 or t > 256:
+            continue
+        expected = authors_position_table((t, side, side), dim)[0]
+        if torch.allclose(table, expected, atol=1e-3):
+            return t, side, side
+    options = ", ".join(f"{t}x{side}x{side}" for t, side in candidates if t <= 256)
+    raise CheckpointError(f"cannot tell the frames of a stored position table of {count} tokens "
+                          f"(it is not the authors' table for any of {options}): give the "
+                          "frames it was fine-tuned with")
+
+
+def _bert_names(key: str) -> str | None:
+    """A text-side key of a UMT checkpoint (after ``text_encoder.``) in BertTextEncoder's
+    names; None for keys handled elsewhere (the tied MLM decoder)."""
+    if key.startswith("bert."):
+        key = key[len("bert."):]
+    if key.startswith(("embeddings.", "encoder.layer.")):
+        return key
+    if key.startswith("cls.predictions.transform."):
+        return "mlm_head." + key[len("cls.predictions."):]
+    if key == "cls.predictions.bias":
+        return "mlm_head.bias"
+    return None
+
+
+def convert_umt_stage2(state_dict: Mapping[str, Any]) -> StateDict:
+    """UMT vision-language checkpoint (``multi_modality``: pre-training with ``text_encoder.
+    bert.*`` + ``text_encoder.cls.*``, or fine-tuned with ``text_encoder.*``) -> the state of
+    a stage-2 ``UMT`` (see ``umt_stage2_kwargs``).
+
+    ``vision_encoder.encoder.*`` -> ``video_encoder.*``, ``vision_encoder.clip_decoder.i`` ->
+    ``uta_heads.i``, ``vision_encoder.pool_norm`` -> ``pool_norm``, ``text_encoder.[bert.]*`` ->
+    ``text_encoder.*``, ``cls.predictions.{transform,bias}`` -> ``text_encoder.mlm_head.*`` (its
+    decoder is tied to the word embeddings, as in BERT: checked, not stored; so is xbert's
+    ``position_ids`` buffer), ``temp`` ->
+    ``log_temperature`` (its log); ``vision_proj``, ``text_proj``, ``itm_head`` keep their names.
+    """
+    state = unwrap_state_dict(state_dict)
+    out: StateDict = {}
+    unknown, tied = [], {}
+    for key, value in state.items():
+        if key.startswith("vision_encoder.encoder."):
+            name = key[len("vision_encoder.encoder."):]
+            if name == "pos_embed":
+                _check_sincos_buffer(key, value)
+            else:
+                out["video_encoder." + name] = value
+        elif re.match(r"vision_encoder\.clip_decoder\.\d+\.(head|norm)\.(weight|bias)$", key):
+            out["uta_heads." + key[len("vision_encoder.clip_decoder."):]] = value
+        elif key.startswith("vision_encoder.pool_norm."):
+            out[key[len("vision_encoder."):]] = value
+        elif key.startswith("text_encoder."):
+            inner = key[len("text_encoder."):]
+            name = _bert_names(inner)
+            if inner.endswith("embeddings.position_ids"):  # xbert's buffer: 0, 1, 2, ...
+                if not torch.equal(value.reshape(-1).long(), torch.arange(value.numel())):
+                    raise CheckpointError(f"'{key}' is not 0, 1, 2, ...; BERT's positions are")
+            elif name is not None:
+                out["text_encoder." + name] = value
+            elif inner in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+                tied[inner] = value
+            else:
+                unknown.append(key)
+        elif key == "temp":
+            out["log_temperature"] = value.float().reshape(()).log()
+        elif re.match(r"(vision_proj|text_proj|itm_head)\.(weight|bias)$", key):
+            out[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unexpected keys in a UMT vision-language checkpoint: {unknown}")
+    if not any(key.startswith("video_encoder.") for key in out) or "itm_head.weight" not in out:
+        raise CheckpointError("no 'vision_encoder.encoder.*' or 'itm_head' keys: not a UMT "
+                              "vision-language (multi_modality) checkpoint")
+    embeddings = out.get("text_encoder.embeddings.word_embeddings.weight")
+    pairs = (("cls.predictions.decoder.weight", embeddings),
+             ("cls.predictions.decoder.bias", out.get("text_encoder.mlm_head.bias")))
+    for name, own in pairs:
+        if name in tied and (own is None or not torch.equal(tied[name], own)):
+            raise CheckpointError(f"'text_encoder.{name}' is not tied to the word embeddings / "
+                                  "the MLM bias as in BERT; leanvl's MLM head ties them")
+    return out
+
+
+def umt_stage2_kwargs(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``UMT`` keyword arguments (stage 2, ``vision``/``text`` sizes, heads) that fit a state
+    from ``convert_umt_stage2``: sizes are read from the shapes; heads are width / 64, as in
+    ViT-B/L and BERT-base/large."""
+    def count(pattern: str) -> int:
+        return len({m.group(1) for key in state if (m := re.match(pattern, key))})
+
+    dim = int(state["video_encoder.patch_embed.proj.weight"].shape[0])
+    patch = int(state["video_encoder.patch_embed.proj.weight"].shape[-1])
+    tubelet = int(state["video_encoder.patch_embed.proj.weight"].shape[2])
+    vision = {"dim": dim, "depth": count(r"video_encoder\.blocks\.(\d+)\."),
+              "num_heads": max(1, dim // 64),
+              "mlp_dim": int(state["video_encoder.blocks.0.mlp.fc1.weight"].shape[0]),
+              "patch_size": patch, "tubelet_size": tubelet, "drop_path_rate": 0.0}
+    words = state["text_encoder.embeddings.word_embeddings.weight"]
+    hidden = int(words.shape[1])
+    layers = count(r"text_encoder\.encoder\.layer\.(\d+)\.")
+    fusion = count(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.")
+    text = {"vocab_size": int(words.shape[0]), "hidden_size": hidden,
+            "text_layers": layers - fusion, "fusion_layers": fusion,
+            "num_heads": max(1, hidden // 64),
+            "intermediate_size": int(
+                state["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0]),
+            "max_positions": int(
+                state["text_encoder.embeddings.position_embeddings.weight"].shape[0])}
+    return {"stage": 2, "vision": vision, "text": text,
+            "embed_dim": int(state["vision_proj.weight"].shape[0]),
+            "uta_layers": count(r"uta_heads\.(\d+)\."),
+            "pool_norm": "pool_norm.weight" in state,
+            "itm_logits": int(state["itm_head.weight"].shape[0]),
+            "mlm_head": "text_encoder.mlm_head.bias" in state,
+            "keep_temporal": True, "mask_type": "none"}

@@ -6,6 +6,14 @@ semantic mask; its last K layers, through per-layer alignment heads, are aligned
 teacher's last K layers at those unmasked positions (UTA).
 Stage 2 (``stage=2``): plus a BERT text encoder whose last layers cross-attend to the (masked)
 video tokens; losses VTC + VTM (hard negatives) + MLM + UTA. Images are one-frame videos.
+
+As in the authors' code, each returned student layer gets the fixed sine-cosine table (the
+student's width, over all T*h*w positions, the visible ones kept) added before its alignment
+head, whose LayerNorm uses eps 1e-6 in stage 1 and 1e-5 in stage 2. Options that the released
+vision-language checkpoints need (``leanvl convert umt-stage2``): ``pool_norm`` (a LayerNorm on
+the pooled tokens before ``vision_proj``), ``keep_temporal`` (one pooled vector per frame, see
+``_video_features``), ``itm_logits=2`` (a 2-way matching head), ``position_frames`` (the
+authors' ``ckpt_num_frame``) and ``mlm_head=False`` (fine-tuned checkpoints have none).
 """
 
 from __future__ import annotations
@@ -49,7 +57,10 @@ class UMT(VideoLanguageModel):
                  mlm_ratio: float = 0.5, temperature: float = 0.07,
                  input_mean: Sequence[float] = CLIP_MEAN, input_std: Sequence[float] = CLIP_STD,
                  text_pretrained: str = "", special_ids: dict[str, int] | None = None,
-                 text_vocab_ids: Sequence[int] | None = None, uta_center: bool = False):
+                 text_vocab_ids: Sequence[int] | None = None, uta_center: bool = False,
+                 pool_norm: bool = False, keep_temporal: bool = False, itm_logits: int = 1,
+                 position_frames: int = 0, mlm_head: bool = True,
+                 uta_norm_eps: float | None = None):
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -62,6 +73,12 @@ class UMT(VideoLanguageModel):
         # tokens share one dominant direction (the CPU demo's stand-in, see docs/umt.md)
         self.uta_center = bool(uta_center)
         self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
+        if itm_logits not in (1, 2):
+            raise ValueError(f"itm_logits must be 1 (log-odds) or 2 (UMT's head), got {itm_logits}")
+        self.keep_temporal = bool(keep_temporal)
+        vision = dict(vision)
+        if position_frames:  # UMT's ckpt_num_frame: the table of the trained frames, resampled
+            vision.setdefault("table_frames", int(position_frames))
         self.video_encoder = VideoViT(**vision)
         self.video_dim = self.video_encoder.dim
         self.teacher: CLIPVisionTeacher | None = None
@@ -70,8 +87,11 @@ class UMT(VideoLanguageModel):
             layers = min(uta_layers, self.video_encoder.depth)
             self.teacher = build_teacher(teacher, layers, **(teacher_kwargs or {}))
             self.uta_layers = layers
-            self.uta_heads = nn.ModuleList(AlignmentHead(self.video_dim, self.teacher.out_dim)
-                                           for _ in range(layers))
+            # the authors' heads: LayerNorm eps 1e-6 in stage 1, torch's default in stage 2
+            eps = uta_norm_eps if uta_norm_eps is not None else (1e-6 if stage == 1 else 1e-5)
+            self.uta_heads = nn.ModuleList(
+                AlignmentHead(self.video_dim, self.teacher.out_dim, norm_eps=eps)
+                for _ in range(layers))
         self.text_vocab_ids = [int(i) for i in text_vocab_ids] if text_vocab_ids else None
         self.specials = model_specials(self.text_vocab_ids, special_ids)
         self.text_encoder: BertTextEncoder | None = None
@@ -82,7 +102,7 @@ class UMT(VideoLanguageModel):
                 self.text_encoder = BertTextEncoder.from_pretrained(
                     text_model_path(text_pretrained), fusion_layers=fusion,
                     text_layers=text.pop("text_layers", None), video_dim=self.video_dim,
-                    mlm_head=True, dropout=text.pop("dropout", None),
+                    mlm_head=mlm_head, dropout=text.pop("dropout", None),
                     attention_dropout=text.pop("attention_dropout", None))
                 if text:
                     raise ValueError(f"text={sorted(text)}: a pretrained text model "
@@ -94,11 +114,14 @@ class UMT(VideoLanguageModel):
             else:
                 if self.text_vocab_ids:
                     text["vocab_size"] = len(self.text_vocab_ids)
-                self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim, mlm_head=True)
+                self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim,
+                                                    mlm_head=mlm_head)
             hidden = self.text_encoder.hidden_size
+            # UMT's vision side: mean -> LayerNorm (the student's eps) -> vision_proj
+            self.pool_norm = nn.LayerNorm(self.video_dim, eps=1e-6) if pool_norm else nn.Identity()
             self.vision_proj = nn.Linear(self.video_dim, embed_dim)
             self.text_proj = nn.Linear(hidden, embed_dim)
-            self.itm_head = nn.Linear(hidden, 1)
+            self.itm_head = nn.Linear(hidden, itm_logits)
             self.log_temperature = nn.Parameter(torch.tensor(float(temperature)).log())
             self.fused_dim = hidden
         self.embed_dim = embed_dim
@@ -115,14 +138,37 @@ class UMT(VideoLanguageModel):
                                "build it with stage=2")
         return self.text_encoder
 
-    def _video_features(self, tokens: torch.Tensor) -> VideoFeatures:
-        embedding = F.normalize(self.vision_proj(tokens.mean(dim=1)), dim=-1) \
-            if self.text_encoder is not None else F.normalize(tokens.mean(dim=1), dim=-1)
-        return VideoFeatures(tokens=tokens, embedding=embedding)
+    def _video_features(self, tokens: torch.Tensor, steps: int = 1,
+                        per_frame: bool = False) -> VideoFeatures:
+        """Tokens and the pooled embedding. With ``per_frame`` (``keep_temporal``) the tokens of
+        each of the ``steps`` time steps are pooled, normed, projected and normalised on their
+        own and the embedding is the mean of those unit vectors, not re-normalised: its dot
+        product with a unit text vector is the mean over frames of the per-frame cosines, the
+        authors' clip-text score (their ``get_sim``)."""
+        if self.text_encoder is None:
+            return VideoFeatures(tokens=tokens, embedding=F.normalize(tokens.mean(dim=1), dim=-1))
+        if per_frame and steps > 1:
+            pooled = tokens.reshape(tokens.shape[0], steps, -1, tokens.shape[-1]).mean(dim=2)
+        else:
+            pooled = tokens.mean(dim=1, keepdim=True)
+        frames = F.normalize(self.vision_proj(self.pool_norm(pooled)), dim=-1)  # B x T x E
+        return VideoFeatures(tokens=tokens, embedding=frames.mean(dim=1))
+
+    def _steps(self, video: torch.Tensor) -> int:
+        """Token steps in time of a clip (frames / tubelet); 1 for an image."""
+        if video.dim() != 5:
+            return 1
+        return self.video_encoder.patch_embed.grid(video.shape[1], *video.shape[-2:])[0]
+
+    def _per_frame(self, mask: torch.Tensor | None) -> bool:
+        """Whether to pool per frame: ``keep_temporal``, unless a mask leaves frames with
+        different token counts (the authors switch it off for all but tube masks)."""
+        return self.keep_temporal and (mask is None or self.mask_type == "tube")
 
     def encode_video(self, video: torch.Tensor) -> VideoFeatures:
         """All tokens of the student (no masking at inference) and the pooled embedding."""
-        return self._video_features(self.video_encoder(video))
+        return self._video_features(self.video_encoder(video), self._steps(video),
+                                    self._per_frame(None))
 
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> TextFeatures:
         """Text-only BERT layers; the embedding is the projected [CLS]."""
@@ -134,12 +180,24 @@ class UMT(VideoLanguageModel):
         """[CLS] of the fusion layers over (text, video): B x hidden."""
         return self._require_text().fuse(text.tokens, text.mask, video.tokens, video.mask)[:, 0]
 
-    def match(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
-        """VTM log-odds of each row-aligned (video, text) pair: B, in float32 (under bf16
-        autocast, nearby scores of multiple-choice options would tie)."""
+    def _itm(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """The matching head's logits, B x itm_logits, in float32 (under bf16 autocast, nearby
+        scores of multiple-choice options would tie)."""
         fused = self.fused_cls(video, text)
         with full_precision(fused.device):
-            return self.itm_head(fused.float()).squeeze(-1)
+            return self.itm_head(fused.float())
+
+    def match(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """VTM log-odds of each row-aligned (video, text) pair: B (a 2-way head: the match
+        logit minus the no-match one, so sigmoid gives the head's softmax)."""
+        logits = self._itm(video, text)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits.squeeze(-1)
+
+    def rerank_logit(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
+        """The score retrieval re-ranks by: UMT's code takes the raw match logit of its
+        2-way head (``itm_head(...)[:, 1]``); a 1-logit head's log-odds otherwise."""
+        logits = self._itm(video, text)
+        return logits[:, 1] if logits.shape[1] == 2 else logits.squeeze(-1)
 
     # ---- pre-training ---------------------------------------------------------------------
     def make_mask(self, video: torch.Tensor, attention: torch.Tensor | None,
@@ -182,8 +240,23 @@ class UMT(VideoLanguageModel):
         if mask is not None:
             keep = ~mask
             targets = [t[keep].reshape(t.shape[0], -1, t.shape[-1]) for t in targets]
-        aligned = [head(layer) for head, layer in zip(self.uta_heads, layers, strict=True)]
+        aligned = self.align(layers, video, mask)
         return tokens, mask, uta_loss(aligned, targets)
+
+    def align(self, layers: Sequence[torch.Tensor], video: torch.Tensor,
+              mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The alignment heads' outputs (before L2 normalisation) for the student's returned
+        layers (after its final norm) on the visible tokens of ``video``: each layer plus the
+        fixed position table at the visible positions, through its head, as the authors'
+        ``clip_decoder`` (their ``clip_pos_embed``: the student's own sine-cosine table)."""
+        frames = video.shape[1] if video.dim() == 5 else 1
+        grid = self.video_encoder.patch_embed.grid(frames, *video.shape[-2:])
+        first = layers[0]
+        table = self.video_encoder.position_table(grid, first.device, first.dtype)
+        table = table.expand(first.shape[0], -1, -1)
+        if mask is not None:
+            table = table[~mask].reshape(first.shape[0], -1, first.shape[-1])
+        return [head(layer + table) for head, layer in zip(self.uta_heads, layers, strict=True)]
 
     def _reversed_clips(self, video: torch.Tensor, mask: torch.Tensor | None,
                         flags: torch.Tensor | None
@@ -200,7 +273,8 @@ class UMT(VideoLanguageModel):
         if mask is not None:
             time = self.video_encoder.patch_embed.grid(video.shape[1], *video.shape[-2:])[0]
             mask = reverse_mask(mask.index_select(0, owner), time)
-        return owner, self._video_features(self.video_encoder(backwards, mask))
+        return owner, self._video_features(self.video_encoder(backwards, mask),
+                                           self._steps(video), self._per_frame(mask))
 
     def teacher_input(self, video: torch.Tensor) -> torch.Tensor:
         """Frames for the teacher: its normalisation, resized so that its token grid equals the
@@ -229,7 +303,7 @@ class UMT(VideoLanguageModel):
             return losses
         text_encoder = self._require_text()
         ids, text_mask = batch["text_ids"], batch["text_mask"]
-        video_feats = self._video_features(tokens)
+        video_feats = self._video_features(tokens, self._steps(video), self._per_frame(mask))
         text_feats = self.encode_text(ids, text_mask)
         pair_ids = batch.get("index")
         # captions the records mark as false for their clip (e.g. of the time-reversed clip)
@@ -254,6 +328,8 @@ class UMT(VideoLanguageModel):
         if reversed_feats is not None:
             negatives.append(self.match(reversed_feats, text_feats.index(reversed_owner)))
         losses["vtm"] = vtm_loss(positive, torch.cat(negatives))
+        if text_encoder.mlm_head is None:  # weights fine-tuned without MLM (mlm_head=False)
+            return losses
         # MLM: masked caption tokens predicted from the fused (text, video) features.
         special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
         masked_ids, labels = mask_tokens(ids, text_mask, text_encoder.config.vocab_size,

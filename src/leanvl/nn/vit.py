@@ -12,9 +12,10 @@ mlp.fc1, mlp.fc2}``, ``norm``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -42,6 +43,28 @@ def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(angles[:, 0::2])
     table[:, 1::2] = torch.cos(angles[:, 1::2])
     return table.float()
+
+
+def resample_position_table(table: torch.Tensor, grid: Sequence[int],
+                            new_grid: Sequence[int]) -> torch.Tensor:
+    """A position table over a (t, h, w) token grid resampled to another grid, as UMT's code
+    does: bicubic in space first, then linear in time (both ``align_corners=False``), in
+    float32. ``table`` is N x D or 1 x N x D (t-major); returns 1 x N' x D."""
+    t, h, w = (int(v) for v in grid)
+    new_t, new_h, new_w = (int(v) for v in new_grid)
+    dim = table.shape[-1]
+    if table.numel() != t * h * w * dim:
+        raise ValueError(f"a position table of shape {tuple(table.shape)} is not over a "
+                         f"{t}x{h}x{w} grid")
+    x = table.reshape(t, h, w, dim).float()
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x.permute(0, 3, 1, 2), size=(new_h, new_w), mode="bicubic",
+                          align_corners=False).permute(0, 2, 3, 1)
+    if new_t != t:
+        x = x.permute(1, 2, 3, 0).reshape(new_h * new_w, dim, t)
+        x = F.interpolate(x, size=new_t, mode="linear", align_corners=False)
+        x = x.reshape(new_h, new_w, dim, new_t).permute(3, 0, 1, 2)
+    return x.reshape(1, new_t * new_h * new_w, dim)
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -115,17 +138,40 @@ class VideoViT(nn.Module):
     ``forward(video, mask)`` takes B x T x 3 x H x W (or B x 3 x H x W, a one-frame video) and an
     optional bool mask B x N (True = masked, N = T*(H/p)*(W/p), t-major as ``masking.py``) with
     the same number of masked tokens in every sample; masked tokens are removed before the
-    first block. The position table is computed for the actual token grid, so other frame
-    counts and image sizes work at inference.
+    first block.
+
+    Position table (``position_table``), three ways, as UMT's code has them:
+
+    - default: the 1-D table simply runs over the actual T*h*w tokens (pre-training, and
+      stage 2's ``ckpt_num_frame=-1``); other frame counts and sizes just index further.
+    - ``table_frames`` / ``table_patches`` set: the table is built for that grid (time steps,
+      patches per side; an unset one follows the input) and resampled to the input's grid,
+      bicubic in space and linear in time (UMT's classifiers: 8 x 14 x 14; stage 2's
+      ``ckpt_num_frame``).
+    - ``stored_table``: a ``pos_embed`` buffer over the ``table_frames`` x ``table_patches``
+      grid (from a checkpoint, e.g. UMT's 16-frame or 384 px classifiers) is used as is on
+      that grid and resampled the same way on another one.
+
+    A one-frame input (an image) takes the first time step of the table, as UMT's
+    ``img_pos_embed``; it is never resampled in time.
     """
 
     def __init__(self, dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_dim: int | None = None, patch_size: int = 16, tubelet_size: int = 1,
                  in_chans: int = 3, qkv_bias: str | bool = "qv", drop_path_rate: float = 0.0,
                  norm_eps: float = 1e-6, final_norm: bool = True,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, table_frames: int | None = None,
+                 table_patches: int | Sequence[int] | None = None,
+                 stored_table: bool = False) -> None:
         super().__init__()
         self.dim = dim
+        self.table_frames = int(table_frames) if table_frames else None
+        if isinstance(table_patches, int):
+            table_patches = (table_patches, table_patches)
+        self.table_patches = tuple(int(v) for v in table_patches) if table_patches else None
+        if stored_table and (self.table_frames is None or self.table_patches is None):
+            raise ValueError("stored_table needs the grid it was made for: table_frames and "
+                             "table_patches")
         self.depth = depth
         self.num_heads = num_heads
         self.activation_checkpointing = activation_checkpointing
@@ -136,8 +182,14 @@ class VideoViT(nn.Module):
             Block(dim, num_heads, mlp_dim, qkv_bias, rates[i], norm_eps) for i in range(depth))
         # UMT's fine-tuned classifiers drop the final norm for a mean-pooled fc_norm.
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()
-        self._tables: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._tables: dict[tuple, torch.Tensor] = {}
         self.apply(init_vit_weights)
+        if stored_table:
+            # a buffer, not a parameter: UMT's classifiers add it detached, so it never trains
+            grid = (self.table_frames, *self.table_patches)
+            self.register_buffer("pos_embed", self._sincos(grid))
+        else:
+            self.pos_embed = None
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> VideoViT:
@@ -146,14 +198,37 @@ class VideoViT(nn.Module):
             raise ValueError(f"unknown VideoViT size '{size}' (sizes: {', '.join(VIT_SIZES)})")
         return cls(**{**VIT_SIZES[size], **overrides})
 
-    def position_table(self, num_tokens: int, device: torch.device,
+    def _sincos(self, grid: Sequence[int]) -> torch.Tensor:
+        """The 1-D table over a grid's tokens, 1 x N x D."""
+        return sincos_table(int(grid[0]) * int(grid[1]) * int(grid[2]), self.dim)[None]
+
+    def table_grid(self, grid: Sequence[int]) -> tuple[int, int, int]:
+        """The grid the position table is made for, given an input's token grid."""
+        t, h, w = grid
+        return (self.table_frames or t, *(self.table_patches or (h, w)))
+
+    def position_table(self, grid: Sequence[int], device: torch.device,
                        dtype: torch.dtype) -> torch.Tensor:
-        """The 1 x N x D sine-cosine table, cached per (N, device, dtype); never a parameter."""
-        key = (num_tokens, device, dtype)
+        """The 1 x N x D position table for an input's token grid (t, h, w); see the class
+        docstring. Sine-cosine tables are cached per (grid, device, dtype)."""
+        grid = tuple(int(v) for v in grid)
+        if device.type == "meta":
+            return torch.empty(1, grid[0] * grid[1] * grid[2], self.dim, device=device,
+                               dtype=dtype)
+        source = self.table_grid(grid)
+        if grid[0] == 1 and source[0] != 1:  # images: the first time step, as img_pos_embed
+            source = (1, *source[1:])
+        if self.pos_embed is not None:
+            stored = self.pos_embed[:, : source[0] * source[1] * source[2]]
+            if source == grid:
+                return stored.to(device, dtype)
+            return resample_position_table(stored, source, grid).to(device, dtype)
+        key = (grid, device, dtype)
         if key not in self._tables:
-            if device.type == "meta":
-                return torch.empty(1, num_tokens, self.dim, device=device, dtype=dtype)
-            self._tables[key] = sincos_table(num_tokens, self.dim).to(device, dtype)[None]
+            table = self._sincos(source)
+            if source != grid:
+                table = resample_position_table(table, source, grid)
+            self._tables[key] = table.to(device, dtype)
         return self._tables[key]
 
     def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +239,8 @@ class VideoViT(nn.Module):
             raise ValueError(f"video must be B x T x C x H x W, got shape {tuple(video.shape)}")
         x = self.patch_embed(video)
         B, N, D = x.shape
-        x = x + self.position_table(N, x.device, x.dtype)
+        grid = self.patch_embed.grid(video.shape[1], video.shape[3], video.shape[4])
+        x = x + self.position_table(grid, x.device, x.dtype)
         if mask is None:
             return x
         if mask.shape != (B, N) or mask.dtype != torch.bool:

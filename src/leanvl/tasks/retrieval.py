@@ -7,8 +7,9 @@
 2. Dual-encoder scores ``model.similarity`` for all pairs, computed ``chunk_size`` x
    ``chunk_size`` blocks at a time so memory stays bounded.
 3. For each text, the top ``rerank_k`` videos by dual score are re-scored by the cross-encoder
-   (``model.match``); the same for each video with its top ``rerank_k`` texts. As in UMT's code
-   the re-ranked score is the raw VTM logit. Items outside the top-k keep their dual-encoder
+   (``model.rerank_logit`` where the model has one, else ``model.match``); the same for each
+   video with its top ``rerank_k`` texts. As in UMT's code the re-ranked score is the raw VTM
+   logit. Items outside the top-k keep their dual-encoder
    order *below* every re-scored item (UMT fills them with a constant, which would make their
    ranks one big tie); recall@k for k <= rerank_k is the same either way.
 
@@ -145,7 +146,7 @@ def rerank(model, query_feats, candidate_feats, scores: torch.Tensor, k: int,
            batch_size: int = 32, progress_bar: bool = True, desc: str = "re-rank"
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score each query's top-``k`` candidates (by ``scores``, queries x candidates) with
-    ``model.match``. Returns (top-k candidate indices Q x k, their VTM logits Q x k). Each rank
+    ``model.rerank_logit`` (``model.match`` for models without one). Returns (top-k candidate indices Q x k, their VTM logits Q x k). Each rank
     of a process group scores its block of the pairs; every rank gets all the logits."""
     num_queries, num_candidates = scores.shape
     k = min(int(k), num_candidates)
@@ -154,15 +155,16 @@ def rerank(model, query_feats, candidate_feats, scores: torch.Tensor, k: int,
     candidate_index = top.reshape(-1)
     mine = shard(len(query_index))
     logits = torch.empty(mine.stop - mine.start, dtype=torch.float32)  # this rank's pairs
+    score = getattr(model, "rerank_logit", None) or model.match
     with evaluating(model):
         for rows in progress(list(batches(mine.stop, batch_size, mine.start)), desc,
                              enabled=progress_bar):
             query = move_features(query_feats.index(query_index[rows]), device)
             candidate = move_features(candidate_feats.index(candidate_index[rows]), device)
             video, text = (candidate, query) if queries_are_texts else (query, candidate)
-            out = model.match(video, text)
+            out = score(video, text)
             if out.shape != (rows.stop - rows.start,):
-                raise ValueError(f"model.match must return one logit per pair (shape B), got "
+                raise ValueError(f"model.match / rerank_logit must return one logit per pair (shape B), got "
                                  f"{tuple(out.shape)}")
             logits[rows.start - mine.start:rows.stop - mine.start] = out.float().cpu()
     return top, gather_rows(logits, len(query_index)).view(num_queries, k)
