@@ -35,6 +35,13 @@ def umt_model(tmp_path_factory):
                     mask_type="random")
 
 
+@pytest.fixture(scope="module")
+def umt_loaded(umt_model):
+    from leanvl.engine.checkpoint import load_pretrained
+
+    return load_pretrained(umt_model)
+
+
 def _clips(folder, count=4, frames=8):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
@@ -42,9 +49,10 @@ def _clips(folder, count=4, frames=8):
     return folder
 
 
-def _index(source, model, out, **kwargs):
+def _index(source, model_path, out, **kwargs):
     kwargs.setdefault("num_workers", 0)
-    return build_index(source, model, out, progress=False, **kwargs)
+    kwargs.setdefault("threads", 1)  # the suite runs on one thread (conftest)
+    return build_index(source, model_path, out, progress=False, **kwargs)
 
 
 def test_window_bounds_cover_the_video_and_end_at_its_end():
@@ -53,7 +61,7 @@ def test_window_bounds_cover_the_video_and_end_at_its_end():
     assert window_bounds(5.0, 2.0, 2.0) == [(0.0, 2.0), (2.0, 4.0), (3.0, 5.0)]
 
 
-def test_corrupt_files_are_skipped_counted_and_named(tmp_path, umt_model, capsys):
+def test_corrupt_files_are_skipped_counted_and_named(tmp_path, umt_model, umt_loaded, capsys):
     videos = _clips(tmp_path / "videos", 3)
     data = (videos / "clip0.mp4").read_bytes()
     (videos / "sub").mkdir()
@@ -61,7 +69,7 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path, umt_model, capsys
     (videos / "empty.mp4").write_bytes(b"")
     (videos / "notes.txt").write_text("not a video")  # not a video extension: not listed
     assert main(["index", str(videos), "--model", str(umt_model), "--out",
-                 str(tmp_path / "index"), "--quiet", "--workers", "0"]) == 0
+                 str(tmp_path / "index"), "--quiet", "--workers", "0", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "3 files, 3 windows" in out and "skipped 2 corrupt files" in out
     lines = out.splitlines()
@@ -71,11 +79,11 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path, umt_model, capsys
     assert sorted(f["path"].rsplit("/", 1)[1] for f in index.files) == \
         ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
     # a re-run does not retry them while they are unchanged, and still names them
-    report = _index(videos, umt_model, tmp_path / "index")
+    report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert report.encoded_files == 0 and len(report.skipped) == 2
 
 
-def test_truncated_file_with_its_header_up_front_is_skipped(tmp_path, umt_model):
+def test_truncated_file_with_its_header_up_front_is_skipped(tmp_path, umt_model, umt_loaded):
     import av
 
     videos = tmp_path / "videos"
@@ -92,18 +100,19 @@ def test_truncated_file_with_its_header_up_front_is_skipped(tmp_path, umt_model)
         container.mux(stream.encode())
     data = path.read_bytes()
     (videos / "cut.mp4").write_bytes(data[: int(len(data) * 0.7)])
-    report = _index(videos, umt_model, tmp_path / "index")
+    report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert report.files == 2
     assert [(p.where.rsplit("/", 1)[1], p.kind) for p in report.skipped] == \
         [("cut.mp4", "truncated")]
 
 
 def test_reindexing_encodes_only_new_or_changed_files_and_drops_deleted(tmp_path, umt_model,
+                                                                        umt_loaded,
                                                                         monkeypatch):
     from leanvl.models.umt import UMT
 
     videos = _clips(tmp_path / "videos", 3)
-    first = _index(videos, umt_model, tmp_path / "index")
+    first = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert (first.encoded_files, first.windows) == (3, 3)
     before = VideoIndex(tmp_path / "index")
     kept = before.tensors["embedding"][[f["path"].endswith("clip1.mp4")
@@ -113,13 +122,13 @@ def test_reindexing_encodes_only_new_or_changed_files_and_drops_deleted(tmp_path
     monkeypatch.setattr(UMT, "encode_video",
                         lambda self, video: encoded.append(video.shape[0]) or original(self, video))
     write_video(videos / "new.mp4", ramp_frames(8, offset=200), fps=8)
-    report = _index(videos, umt_model, tmp_path / "index")
+    report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert sum(encoded) == 1 and report.encoded_files == 1 and report.kept_files == 3
     # a changed file (same name, other frames) and a deleted one
     encoded.clear()
     write_video(videos / "clip0.mp4", ramp_frames(8, offset=120), fps=8)
     (videos / "clip2.mp4").unlink()
-    report = _index(videos, umt_model, tmp_path / "index")
+    report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert sum(encoded) == 1 and (report.encoded_files, report.dropped_files) == (1, 1)
     after = VideoIndex(tmp_path / "index")
     names = [f["path"].rsplit("/", 1)[1] for f in after.files]
@@ -128,26 +137,26 @@ def test_reindexing_encodes_only_new_or_changed_files_and_drops_deleted(tmp_path
     assert len(list((tmp_path / "index").glob("vectors-*.safetensors"))) == 1
     # other settings are refused rather than mixed in
     with pytest.raises(ValueError, match="--rebuild"):
-        _index(videos, umt_model, tmp_path / "index", window=2.0)
+        _index(videos, umt_model, tmp_path / "index", model=umt_loaded, window=2.0)
 
 
-def test_long_videos_are_windows_with_their_start_and_end(tmp_path, umt_model):
+def test_long_videos_are_windows_with_their_start_and_end(tmp_path, umt_model, umt_loaded):
     from leanvl.data.datasets import ClipReader
     from leanvl.data.transforms import ClipTransform, resolve_normalization
-    from leanvl.engine.checkpoint import load_pretrained
 
     videos = tmp_path / "videos"
     videos.mkdir()
     write_video(videos / "long.mp4", ramp_frames(40, offset=0), fps=8)  # 5 s
     write_video(videos / "short.mp4", ramp_frames(8, offset=60), fps=8)  # 1 s: one clip
-    _index(videos, umt_model, tmp_path / "index", window=2.0, stride=1.5, dtype="float32")
+    _index(videos, umt_model, tmp_path / "index", model=umt_loaded, window=2.0, stride=1.5,
+           dtype="float32")
     index = VideoIndex(tmp_path / "index")
     spans = [(index.window(r).path.rsplit("/", 1)[1], index.window(r).start, index.window(r).end)
              for r in range(len(index))]
     assert spans == [("long.mp4", 0.0, 2.0), ("long.mp4", 1.5, 3.5), ("long.mp4", 3.0, 5.0),
                      ("short.mp4", 0.0, 1.0)]
     # the middle window's embedding is that of the clip read from 1.5 s to 3.5 s
-    model = load_pretrained(umt_model)
+    model = umt_loaded
     mean, std = resolve_normalization("clip", None, None)
     reader = ClipReader(None, 2, "middle", ClipTransform(32, False, mean, std))
     clip = reader({"video": str(videos / "long.mp4"), "start": 1.5, "end": 3.5},
@@ -157,15 +166,15 @@ def test_long_videos_are_windows_with_their_start_and_end(tmp_path, umt_model):
     torch.testing.assert_close(index.tensors["embedding"][1], expected, atol=1e-5, rtol=0)
 
 
-def test_search_ranks_as_the_retrieval_tasks_dual_encoder(clip_folder, tmp_path, umt_model):
+def test_search_ranks_as_the_retrieval_tasks_dual_encoder(clip_folder, tmp_path, umt_model,
+                                                          umt_loaded):
     from leanvl.data.datasets import VideoTextDataset
-    from leanvl.engine.checkpoint import load_pretrained
     from leanvl.tasks.build import build_text_encoder
     from leanvl.tasks.retrieval import evaluate_retrieval
 
     root, annotations = clip_folder
-    _index(annotations, umt_model, tmp_path / "index", dtype="float32")
-    model = load_pretrained(umt_model)
+    _index(annotations, umt_model, tmp_path / "index", model=umt_loaded, dtype="float32")
+    model = umt_loaded
     data = load_config(None, SETTINGS).data
     dataset = VideoTextDataset(annotations, root, num_frames=2, sampling="middle", size=32,
                                train=False)
@@ -181,11 +190,10 @@ def test_search_ranks_as_the_retrieval_tasks_dual_encoder(clip_folder, tmp_path,
     assert scores == sorted(scores, reverse=True)
 
 
-def test_search_json_rerank_and_sheet(clip_folder, tmp_path, umt_model, capsys):
-    from leanvl.engine.checkpoint import load_pretrained
+def test_search_json_rerank_and_sheet(clip_folder, tmp_path, umt_model, umt_loaded, capsys):
 
     root, annotations = clip_folder
-    _index(annotations, umt_model, tmp_path / "index")
+    _index(annotations, umt_model, tmp_path / "index", model=umt_loaded)
     assert main(["search", str(tmp_path / "index"), "clip number 2", "-k", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     hits = result["results"][0]["hits"]
@@ -195,10 +203,10 @@ def test_search_json_rerank_and_sheet(clip_folder, tmp_path, umt_model, capsys):
     assert all(h["path"].endswith(".mp4") and h["end"] == 1.0 for h in hits)
 
     # re-ranking: the top 3 by similarity, ordered by the matching head's logit, computed here
-    searcher = Searcher(tmp_path / "index")
+    searcher = Searcher(tmp_path / "index", model=umt_loaded)
     plain = searcher.search(["clip number 2"], k=6)[0]
     reranked = searcher.search(["clip number 2"], k=6, rerank=3)[0]
-    model = load_pretrained(umt_model)
+    model = umt_loaded
     text = searcher.encode_queries(["clip number 2"])
     reader = search_module._clip_reader(load_config(None, SETTINGS).data)
     with torch.no_grad():
@@ -225,9 +233,10 @@ def test_search_json_rerank_and_sheet(clip_folder, tmp_path, umt_model, capsys):
 
 
 def test_faiss_backend_when_installed_gives_the_torch_ranking(clip_folder, tmp_path, umt_model,
+                                                             umt_loaded,
                                                              monkeypatch):
     root, annotations = clip_folder
-    _index(annotations, umt_model, tmp_path / "index")
+    _index(annotations, umt_model, tmp_path / "index", model=umt_loaded)
 
     class FlatIP:  # faiss.IndexFlatIP's interface, computed with numpy
         def __init__(self, dim):
@@ -243,7 +252,7 @@ def test_faiss_backend_when_installed_gives_the_torch_ranking(clip_folder, tmp_p
 
     monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=FlatIP))
     monkeypatch.setattr(search_module, "FAISS_MIN_ROWS", 1)
-    searcher = Searcher(tmp_path / "index")
+    searcher = Searcher(tmp_path / "index", model=umt_loaded)
     with_faiss = searcher.search(["video 3", "clip number 1"], k=4)
     plain = searcher.search(["video 3", "clip number 1"], k=4, backend="torch")
     assert [[h.row for h in q] for q in with_faiss] == [[h.row for h in q] for q in plain]

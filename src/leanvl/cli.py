@@ -211,10 +211,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     """Index a folder of videos (or an annotation file) for text-to-video search."""
     from leanvl.tasks.search import build_index
 
-    report = build_index(args.path, args.model, args.out, root=args.root, window=args.window,
-                         stride=args.stride, overrides=args.overrides,
-                         batch_size=args.batch_size, num_workers=args.workers, dtype=args.dtype,
-                         rebuild=args.rebuild, progress=not args.quiet)
+    try:
+        report = build_index(args.path, args.model, args.out, root=args.root,
+                             window=args.window, stride=args.stride, overrides=args.overrides,
+                             batch_size=args.batch_size, num_workers=args.workers,
+                             dtype=args.dtype, rebuild=args.rebuild, progress=not args.quiet,
+                             threads=args.threads)
+    except KeyboardInterrupt as stop:  # the finished files are saved: say so, no traceback
+        print(str(stop) or "interrupted", file=sys.stderr)
+        return 130
     print(report.summary())
     return 0
 
@@ -261,6 +266,8 @@ def _add_search_parsers(sub) -> None:
                    "(default: the window length)")
     p.add_argument("--batch-size", type=int, default=16, help="clips encoded at a time")
     p.add_argument("--workers", type=int, help="decoding processes (default: cores - 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: the cores left beside the workers)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                    help="how embeddings are stored (default float16)")
     p.add_argument("--rebuild", action="store_true",

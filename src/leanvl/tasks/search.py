@@ -350,8 +350,8 @@ def _read_tensors(out: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     data = out / meta["data_file"]
     if not data.is_file():
-        raise IndexMismatchError(f"{out / INDEX_NAME} names {data.name}, which is missing; rebuild the "
-                          "index (--rebuild)")
+        raise IndexMismatchError(f"{out / INDEX_NAME} names {data.name}, which is missing; "
+                                 "rebuild the index (--rebuild)")
     tensors = load_file(str(data))
     if tensors["start"].shape[0] != meta["num_windows"]:
         raise IndexMismatchError(f"{data}: {tensors['start'].shape[0]} rows, {INDEX_NAME} says "
@@ -390,12 +390,14 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
                 window: float | None = None, stride: float | None = None,
                 overrides: Sequence[str] = (), batch_size: int = 16,
                 num_workers: int | None = None, dtype: str = "float16", rebuild: bool = False,
-                device: torch.device | str | None = None, progress: bool = True
-                ) -> IndexReport:
+                device: torch.device | str | None = None, progress: bool = True,
+                threads: int = 0, model=None) -> IndexReport:
     """Index the videos of ``source`` (a folder or an annotation file) into the folder ``out``
     with the released model at ``model_path``; see the module docstring. ``window`` /
     ``stride`` in seconds (a folder defaults to ``DEFAULT_WINDOW``, stride = window);
-    ``overrides`` are ``data.*`` settings that replace the trained ones."""
+    ``overrides`` are ``data.*`` settings that replace the trained ones; ``threads``: torch's
+    CPU threads (0: the cores left beside the decoding workers). ``model``: the
+    weights at ``model_path`` already loaded (saves loading them again)."""
     from tqdm.auto import tqdm
 
     from leanvl.tasks.build import configure_threads
@@ -412,10 +414,10 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
             raise ValueError(f"--{name} must be > 0 seconds, got {value}")
     stride = window if stride is None else stride
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configure_threads(num_workers)
+    configure_threads(num_workers, threads)
     out = Path(out)
     data_cfg = input_config(model_path, overrides)
-    model = load_search_model(model_path, device)
+    model = load_search_model(model_path, device) if model is None else model.to(device).eval()
     settings = {"model": _model_identity(model_path, model), "input": _input_settings(data_cfg),
                 "window": window, "stride": stride,
                 "mode": "embedding" if similarity_is_dot_product(model) else "features",
@@ -594,7 +596,8 @@ def _concat(parts: list[dict[str, torch.Tensor]], num_files: int) -> dict[str, t
     if not parts:
         return {"start": torch.zeros(0, dtype=torch.float64),
                 "end": torch.zeros(0, dtype=torch.float64),
-                "whole": torch.zeros(0, dtype=torch.uint8), "file": torch.zeros(0, dtype=torch.int32)}
+                "whole": torch.zeros(0, dtype=torch.uint8),
+                "file": torch.zeros(0, dtype=torch.int32)}
     keys = set(parts[0])
     for part in parts[1:]:
         if set(part) != keys:
