@@ -287,8 +287,8 @@ def _add_search_parsers(sub) -> None:
                    help="re-score the top K windows with the model's matching head (they are "
                    "decoded and encoded again)")
     p.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
-                   help="vector search: exact torch matmul, or faiss's exact index (auto: "
-                   "faiss when installed and the index is large)")
+                   help="vector search: an exact torch matmul (auto), or faiss's exact "
+                   "inner-product index (pip install faiss-cpu)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--sheet", help="write the hits' middle frames with their scores to this PNG")
     p.set_defaults(func=cmd_search)
