@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from leanvl import __version__
@@ -209,8 +210,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     """Index a folder of videos (or an annotation file) for text-to-video search."""
-    from leanvl.tasks.search import build_index
+    from leanvl.engine.checkpoint import trained_input_settings
+    from leanvl.tasks.search import build_index, input_config
 
+    trained = trained_input_settings(args.model) if os.path.exists(args.model) else {}
+    data = input_config(args.model, args.overrides)
+    if trained:
+        print(_input_settings_line(trained, data), file=sys.stderr)
+    elif os.path.exists(args.model):
+        print(f"leanvl: {args.model} records no input settings (converted weights?): reading "
+              f"{data.num_frames} frames at {data.size} px, normalization {data.normalization}, "
+              f"text up to {data.max_text_len} tokens; give data.* for the model's own",
+              file=sys.stderr)
     try:
         report = build_index(args.path, args.model, args.out, root=args.root,
                              window=args.window, stride=args.stride, overrides=args.overrides,
