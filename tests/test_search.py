@@ -280,3 +280,27 @@ def test_a_model_whose_score_is_not_a_dot_product_keeps_its_features(clip_folder
     torch.testing.assert_close(torch.tensor([[h.score for h in q] for q in hits]),
                                expected.values, atol=1e-5, rtol=0)
     assert not model.similarity_is_dot_product
+
+
+def test_an_interrupted_run_keeps_the_files_it_finished(tmp_path, umt_model, umt_loaded,
+                                                        monkeypatch):
+    from leanvl.models.umt import UMT
+
+    videos = _clips(tmp_path / "videos", 3)
+    calls = []
+    original = UMT.encode_video
+
+    def stop_at_the_second_batch(self, video):
+        calls.append(video.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, video)
+
+    monkeypatch.setattr(UMT, "encode_video", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt, match="interrupted"):
+        _index(videos, umt_model, tmp_path / "index", model=umt_loaded, batch_size=1)
+    assert [f["path"].rsplit("/", 1)[1] for f in VideoIndex(tmp_path / "index").files] == \
+        ["clip0.mp4"]
+    monkeypatch.setattr(UMT, "encode_video", original)
+    report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
+    assert (report.kept_files, report.encoded_files, report.windows) == (1, 2, 3)
