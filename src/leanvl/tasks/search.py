@@ -460,7 +460,8 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
         else:
             files.append(entry)
             todo.append(len(files) - 1)
-    dropped = len([p for p in old_files if p not in {f.path for f in media}])
+    listed = {f.path for f in media}
+    dropped = len([p for p in old_files if p not in listed])
 
     # probe the new and changed files in parallel: frames, fps, truncation
     errors: dict[int, str] = {}
@@ -525,12 +526,11 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
     done = {row for row, ids in by_file.items() if row not in errors and
             all(i in encoded for i in ids)}
     # the new table: kept files with their old rows, finished files with their new ones
-    new_files, parts, encoded_files = [], [], 0
+    new_files, parts, encoded_files, first = [], [], 0, 0
     for row, entry in enumerate(files):
         if entry.pop("kept", False):
-            first, count = entry["first"], entry["count"]
-            parts.append({k: v[first:first + count] for k, v in old_tensors.items()
-                          if k != "file"})
+            rows = slice(entry["first"], entry["first"] + entry["count"])
+            parts.append({k: v[rows] for k, v in old_tensors.items() if k != "file"})
         elif row in done:
             ids = by_file[row]
             parts.append(_rows_of([windows[i] for i in ids], [encoded[i] for i in ids], mode,
@@ -539,8 +539,8 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
         else:
             continue
         count = int(parts[-1]["start"].shape[0])
-        first = sum(int(p["start"].shape[0]) for p in parts[:-1])
         new_files.append({**entry, "first": first, "count": count})
+        first += count
     tensors = _concat(parts, len(new_files))
     meta = {"format": INDEX_FORMAT, **settings,
             "feature_class": feature_class,
