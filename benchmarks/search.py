@@ -97,6 +97,39 @@ def million_rows(width: int, rows: int, folder: Path, repeats: int) -> dict[str,
     return {"rows": rows, "width": width, "MiB": size, "load_s": load, "query_ms": top}
 
 
+def parity(model_path: str, synth: Path, out: Path, workers: int):
+    """Index the test split (float32 rows, timed), evaluate retrieval on it, and count the
+    captions whose top 10 differs (float32 rows, then rows cast to float16)."""
+    annotations = synth / "retrieval_test.jsonl"
+    start = time.perf_counter()
+    report = build_index(annotations, model_path, out, dtype="float32", num_workers=workers,
+                         batch_size=32, progress=False)
+    seconds = time.perf_counter() - start
+    model = load_pretrained(model_path)
+    data = input_config(model_path)
+    dataset = VideoTextDataset(annotations, synth, num_frames=data.num_frames,
+                               sampling=data.test_sampling, size=data.size, train=False,
+                               normalization=data.normalization, mean=data.mean, std=data.std)
+    texts, _ = dataset.texts()
+    result = evaluate_retrieval(model, dataset, build_text_encoder(data, model),
+                                num_workers=workers, progress_bar=False, return_scores=True)
+    dual = result["scores"]["dual"]
+    expected = dual.topk(10, dim=1).indices
+    paths = [str((synth / r["video"]).resolve()) for r in dataset.records]
+    searcher = Searcher(out, model=model)
+    differ32, gap32 = compare_top(searcher.search(texts, k=10), expected, paths, dual)
+    index = searcher.index
+    if index.mode == "embedding":  # float16 storage, as the default writes it
+        index.embedding = index.embedding.half().float()
+    else:
+        for key, value in index.tensors.items():
+            if key.startswith("feature.") and value.is_floating_point():
+                index.tensors[key] = value.half().float()
+    differ16, gap16 = compare_top(searcher.search(texts, k=10), expected, paths, dual)
+    return (report, seconds, differ32, gap32, differ16, gap16, searcher, dataset, texts, model,
+            data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--synth", required=True, help="synthetic benchmark folder")
@@ -104,37 +137,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="decoding processes")
     parser.add_argument("--repeats", type=int, default=50, help="queries timed")
     parser.add_argument("--rows", type=int, default=1_000_000, help="random index rows")
+    parser.add_argument("--features-model", help="also check the parity of a model whose "
+                        "score is not a dot product (e.g. a mixed-stream Perceiver-VL)")
     parser.add_argument("--no-doc", action="store_true", help="print only")
     args = parser.parse_args()
     synth = Path(args.synth)
-    annotations = synth / "retrieval_test.jsonl"
     work = Path(tempfile.mkdtemp(prefix="leanvl-search-bench-"))
     try:
-        # 1. indexing throughput
-        start = time.perf_counter()
-        report = build_index(annotations, args.model, work / "index", dtype="float32",
-                             num_workers=args.workers, batch_size=32, progress=False)
-        seconds = time.perf_counter() - start
+        # 1-2. indexing throughput and parity with retrieval evaluation's dual ranking
+        (report, seconds, differ32, gap32, differ16, gap16, searcher, dataset, texts, model,
+         data) = parity(args.model, synth, work / "index", args.workers)
         clips_per_s = report.windows / seconds
-
-        # 2. parity with retrieval evaluation's dual ranking
-        model = load_pretrained(args.model)
-        data = input_config(args.model)
-        dataset = VideoTextDataset(annotations, synth, num_frames=data.num_frames,
-                                   sampling=data.test_sampling, size=data.size, train=False,
-                                   normalization=data.normalization, mean=data.mean,
-                                   std=data.std)
-        texts, _ = dataset.texts()
-        result = evaluate_retrieval(model, dataset, build_text_encoder(data, model),
-                                    num_workers=args.workers, progress_bar=False,
-                                    return_scores=True)
-        dual = result["scores"]["dual"]
-        expected = dual.topk(10, dim=1).indices
-        paths = [str((synth / r["video"]).resolve()) for r in dataset.records]
-        searcher = Searcher(work / "index", model=model)
-        differ32, gap32 = compare_top(searcher.search(texts, k=10), expected, paths, dual)
-        searcher.index.embedding = searcher.index.embedding.half().float()  # float16 storage
-        differ16, gap16 = compare_top(searcher.search(texts, k=10), expected, paths, dual)
+        other = None
+        if args.features_model:
+            other = parity(args.features_model, synth, work / "features_index", args.workers)
 
         # 3. query latency (float16 rows, as stored by default)
         one = texts[:args.repeats]
@@ -178,6 +194,11 @@ def main() -> None:
         ["the same with float16 rows (the default storage)",
          f"{len(texts) - differ16} / {len(texts)}"
          + (f" (largest float32 gap of a swapped pair {gap16:.2e})" if differ16 else "")],
+        *([[f"{other[9].registry_name} ({other[0].windows} clips, mode "
+            f"{other[6].index.meta['mode']}): captions whose top 10 equals eval retrieval's "
+            f"(float32 / float16 rows)",
+            f"{len(texts) - other[2]} / {len(texts) - other[4]} of {len(texts)}; indexed at "
+            f"{other[0].windows / other[1]:.1f} clips/s"]] if other else []),
         [f"query latency, end to end (tokenise, encode the text, search {len(dataset):,} rows)",
          f"{end_to_end:.1f} ms"],
         [f"query latency, vector search alone ({len(dataset):,} rows)", f"{vector:.2f} ms"],
