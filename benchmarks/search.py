@@ -94,7 +94,11 @@ def million_rows(width: int, rows: int, folder: Path, repeats: int) -> dict[str,
     load = time.perf_counter() - start
     query = torch.nn.functional.normalize(torch.randn(1, width, generator=generator), dim=1)
     top = latency_ms(lambda: index.top_by_embedding(query, 10, backend="torch"), repeats)
-    return {"rows": rows, "width": width, "MiB": size, "load_s": load, "query_ms": top}
+    faiss = None
+    if search_module._faiss() is not None:  # optional: the same search through faiss
+        faiss = latency_ms(lambda: index.top_by_embedding(query, 10, backend="faiss"), repeats)
+    return {"rows": rows, "width": width, "MiB": size, "load_s": load, "query_ms": top,
+            "faiss_ms": faiss}
 
 
 def parity(model_path: str, synth: Path, out: Path, workers: int):
@@ -206,6 +210,9 @@ def main() -> None:
          f"{big['MiB']:.0f} MiB, loaded in {big['load_s']:.1f} s"],
         ["random index: query latency (exact torch search, top 10)",
          f"{big['query_ms']:.1f} ms"],
+        *([[f"random index: query latency (faiss {search_module._faiss().__version__} "
+            "IndexFlatIP, exact, top 10)", f"{big['faiss_ms']:.1f} ms"]]
+          if big["faiss_ms"] is not None else []),
         ["re-index a 20-clip folder after adding one clip",
          f"{again.encoded_windows} clip encoded ({sum(counted)} through encode_video), "
          f"{again.kept_files} kept"],

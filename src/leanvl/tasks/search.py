@@ -25,7 +25,7 @@ named.
 Scoring. A model whose ``similarity`` is a positive multiple of the dot product of the
 ``embedding``s (``similarity_is_dot_product``, the contract's default) is searched as a vector
 index: an exact float32 matmul with torch (or, asked for, faiss's exact inner-product index
-when faiss is installed; on a CPU torch's matmul was the faster). The score shown is the dot
+when faiss is installed). The score shown is the dot
 product (the cosine for normalised embeddings); the ranking equals ``leanvl eval retrieval``'s
 dual-encoder ranking. Any other model (Perceiver-VL's mixed stream scores every pair with its
 decoder) keeps all its video features (``mode: features``) and every query is scored with
@@ -68,8 +68,8 @@ VIDEO_EXTENSIONS = frozenset((".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", "
                               ".flv", ".wmv", ".3gp", ".ts", ".mts"))
 #: window length (seconds) for a folder of videos when none is given
 DEFAULT_WINDOW = 10.0
-#: vector search backends: ``auto`` is torch, which on a 2-core CPU answered a query over
-#: 200,000 x 128 rows in 16 ms where faiss's exact IndexFlatIP took 37 ms (faiss 1.15.1)
+#: vector search backends: ``auto`` is torch's exact matmul; faiss's exact IndexFlatIP is
+#: opt-in (on a CPU it was no faster: docs/benchmarks.md, "Search your own videos")
 BACKENDS = ("auto", "torch", "faiss")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _FINGERPRINT_BLOCK = 64 * 1024
