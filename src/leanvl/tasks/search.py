@@ -69,7 +69,7 @@ VIDEO_EXTENSIONS = frozenset((".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", "
 #: window length (seconds) for a folder of videos when none is given
 DEFAULT_WINDOW = 10.0
 #: vector search backends: ``auto`` is torch's exact matmul; faiss's exact IndexFlatIP is
-#: opt-in (on a CPU it was no faster: docs/benchmarks.md, "Search your own videos")
+#: opt-in (on a 2-core CPU it was slower in a quick check: docs/search.md)
 BACKENDS = ("auto", "torch", "faiss")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 _FINGERPRINT_BLOCK = 64 * 1024
