@@ -138,3 +138,26 @@ def test_read_image_as_one_frame_clip(tmp_path):
     assert clip.shape == (1, 20, 30, 3)
     np.testing.assert_array_equal(clip[0], image.permute(1, 2, 0).numpy())
     np.testing.assert_array_equal(read_image((tmp_path / "a.png").read_bytes()), clip)
+
+
+def test_matroska_without_a_frame_count_is_read_by_seeking(tmp_path):
+    """An .mkv stores no frame count: the container's duration gives it, so a clip of a long
+    video does not decode the whole file; the frames are those of a full decode."""
+    import av
+
+    path = tmp_path / "clip.mkv"
+    frames = ramp_frames(40, 32, 32)
+    with av.open(str(path), "w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    everything = read_all_frames(path)
+    with PyAVReader(path) as reader:
+        assert reader.num_frames == len(everything) == 40
+        np.testing.assert_array_equal(reader.get_frames([3, 39]), everything[[3, 39]])
+        assert reader._all is None  # found by seeking, not by decoding every frame
+    clip, indices = read_frames(path, 4, "middle")
+    np.testing.assert_array_equal(clip, everything[indices])

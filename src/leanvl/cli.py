@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from leanvl import __version__
@@ -214,6 +215,103 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Index a folder of videos (or an annotation file) for text-to-video search."""
+    from leanvl.engine.checkpoint import trained_input_settings
+    from leanvl.tasks.search import build_index, input_config
+
+    trained = trained_input_settings(args.model) if os.path.exists(args.model) else {}
+    data = input_config(args.model, args.overrides)
+    if trained:
+        print(_input_settings_line(trained, data), file=sys.stderr)
+    elif os.path.exists(args.model):
+        print(f"leanvl: {args.model} records no input settings (converted weights?): reading "
+              f"{data.num_frames} frames at {data.size} px, normalization {data.normalization}, "
+              f"text up to {data.max_text_len} tokens; give data.* for the model's own",
+              file=sys.stderr)
+    try:
+        report = build_index(args.path, args.model, args.out, root=args.root,
+                             window=args.window, stride=args.stride, overrides=args.overrides,
+                             batch_size=args.batch_size, num_workers=args.workers,
+                             dtype=args.dtype, rebuild=args.rebuild, progress=not args.quiet,
+                             threads=args.threads)
+    except KeyboardInterrupt as stop:  # the finished files are saved: say so, no traceback
+        print(str(stop) or "interrupted", file=sys.stderr)
+        return 130
+    print(report.summary())
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search an index with one or more text queries."""
+    from leanvl.tasks.search import Searcher, contact_sheet, format_hits
+
+    searcher = Searcher(args.index)
+    results = searcher.search(args.queries, k=args.k, rerank=args.rerank, backend=args.backend)
+    if args.json:
+        print(json.dumps({"index": args.index, "results": [
+            {"query": query, "hits": [hit.as_dict() for hit in hits]}
+            for query, hits in zip(args.queries, results)]}, indent=1))
+    else:
+        print("\n\n".join(format_hits(q, hits) for q, hits in zip(args.queries, results)))
+    if args.sheet:
+        from pathlib import Path
+
+        sheet = Path(args.sheet)
+        for number, (query, hits) in enumerate(zip(args.queries, results)):
+            if not hits:
+                continue
+            out = sheet if len(args.queries) == 1 else \
+                sheet.with_name(f"{sheet.stem}-{number + 1}{sheet.suffix}")
+            contact_sheet(hits, out, title=query)
+            print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    p = sub.add_parser("index", help="index a folder of videos (or an annotation file) for "
+                       "text-to-video search", description="Index videos for `leanvl search`: "
+                       "windows of each video are encoded with the model's input settings as "
+                       "trained; re-running indexes only new or changed files.")
+    p.add_argument("path", help="folder of videos (searched recursively) or annotation file")
+    p.add_argument("--model", required=True, help="released weights folder (or a .pt checkpoint)")
+    p.add_argument("--out", required=True, help="index folder (created, or updated)")
+    p.add_argument("--root", help="annotation file: folder its relative paths are joined to "
+                   "(default: the file's folder)")
+    p.add_argument("--window", type=float, help="window length in seconds (default: 10 for a "
+                   "folder; an annotation file's records as they are)")
+    p.add_argument("--stride", type=float, help="seconds between window starts "
+                   "(default: the window length)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips encoded at a time")
+    p.add_argument("--workers", type=int, help="decoding processes (default: cores - 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: the cores left beside the workers)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="how embeddings are stored (default float16)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="re-encode everything (needed when the model or settings change)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="data settings replacing the trained ones (e.g. data.num_frames=8)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index with text queries",
+                       description="Rank the indexed windows for each query: file, start, end, "
+                       "score.")
+    p.add_argument("index", help="index folder written by `leanvl index`")
+    p.add_argument("queries", nargs="+", metavar="QUERY", help="text queries")
+    p.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-score the top K windows with the model's matching head (they are "
+                   "decoded and encoded again)")
+    p.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
+                   help="vector search: an exact torch matmul (auto), or faiss's exact "
+                   "inner-product index (pip install faiss-cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--sheet", help="write the hits' middle frames with their scores to this PNG")
+    p.set_defaults(func=cmd_search)
+
+
 def _add_convert_parsers(data_sub) -> None:
     from leanvl.data import convert
 
@@ -357,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_shard)
 
     _add_convert_parsers(data_sub)
+    _add_search_parsers(sub)
     return parser
 
 

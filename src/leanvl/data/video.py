@@ -118,6 +118,11 @@ class PyAVReader:
         self._num_frames = int(self.stream.frames or 0)
         if self._num_frames <= 0 and self.stream.duration and self.fps:
             self._num_frames = int(round(float(self.stream.duration * self.time_base) * self.fps))
+        if self._num_frames <= 0 and self.container.duration and self.fps:
+            # Matroska / WebM store neither a frame count nor a stream duration: estimate from
+            # the container's duration (microseconds) rather than decode the whole video; a
+            # frame past the real end falls back to a full decode in get_frames
+            self._num_frames = int(self.container.duration * self.fps / 1_000_000)
         self._all: list[np.ndarray] | None = None
 
     def close(self) -> None:

@@ -10,6 +10,11 @@ A model is an ``nn.Module`` registered under a name (``models/registry.py``) and
   configured weights and logs each.
 - ``similarity(video_feats, text_feats) -> Tensor``: dual-encoder scores, B_v x B_t (default:
   dot product of the normalised ``embedding``s divided by the model's temperature).
+- ``similarity_is_dot_product``: whether ``similarity`` is a positive multiple of the dot
+  product of the ``embedding``s, so that a vector index of the video embeddings ranks videos
+  for a text as ``similarity`` does (``leanvl index`` / ``leanvl search``). True for the
+  default ``similarity``; a model that overrides ``similarity`` is taken to score otherwise
+  unless it says so (then search keeps its video features and scores with ``similarity``).
 
 Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_answers``,
 ``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``,
@@ -110,6 +115,11 @@ class VideoLanguageModel(nn.Module):
 
     def pretrain_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    @property
+    def similarity_is_dot_product(self) -> bool:
+        """Whether ``similarity`` ranks as the dot product of the ``embedding``s (see above)."""
+        return type(self).similarity is VideoLanguageModel.similarity
 
     def similarity(self, video: VideoFeatures, text: TextFeatures) -> torch.Tensor:
         """Dual-encoder scores: cosine similarity over temperature, B_v x B_t."""

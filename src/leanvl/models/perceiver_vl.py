@@ -379,6 +379,12 @@ class PerceiverVL(VideoLanguageModel):
         multi-stream ``match`` equals ``similarity``."""
         return self.stream == "single" and "vtc" in self.losses
 
+    @property
+    def similarity_is_dot_product(self) -> bool:
+        """Multi-stream, and single-stream trained with VTC, score with the dual encoder's dot
+        product; mixed-stream scores with its decoder and single without VTC jointly."""
+        return self.stream == "multi" or (self.stream == "single" and "vtc" in self.losses)
+
     # ---- encoding -------------------------------------------------------------------------
     def encode_inputs(self, inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
                       ) -> torch.Tensor:
