@@ -1,0 +1,177 @@
+"""Every command the README and docs show, run end to end through ``leanvl.cli.main`` on a tiny
+synthetic benchmark (32 px, 2 frames, a few clips) that the tests of this file share."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanvl.cli import main
+
+# a UMT-tiny with a one-layer text side: the model every command here trains and evaluates
+TINY_RUN = """\
+model:
+  name: umt_tiny
+  kwargs: {stage: 2, mask_type: random, text: {text_layers: 1, fusion_layers: 1}}
+data: {num_frames: 2, size: 32, max_text_len: 32, batch_size: 4, num_workers: 0,
+       cpu_threads: 1}
+train: {epochs: 1, precision: fp32, log_every: 1}
+eval: {batch_size: 8, rerank_k: 2, probe_epochs: 5}
+"""
+SYNTH = ["pretrain_clips=8", "retrieval_test_clips=4", "mc_test_clips=4",
+         "classify_train_clips=6", "classify_test_clips=4", "size=32", "frames=8", "workers=1"]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_out(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    """`leanvl data synth` output (tiny) and the run config every command here uses."""
+    root = tmp_path_factory.mktemp("commands")
+    assert main(["data", "synth", "--quiet", "--out", str(root / "synth"), *SYNTH]) == 0
+    (root / "tiny.yaml").write_text(TINY_RUN)
+    return root / "synth", str(root / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def pretrained(bench, tmp_path_factory):
+    """`leanvl pretrain` of the tiny model: its released folder and what it printed."""
+    synth, config = bench
+    out = tmp_path_factory.mktemp("pretrain")
+    assert main(["pretrain", config, f"out={out}", f"data.root={synth}",
+                 f"data.train={synth / 'pretrain.jsonl'}"]) == 0
+    return out / "model"
+
+
+def test_data_synth_writes_the_sizes_asked_for(bench):
+    synth, _ = bench
+    assert len(_lines(synth / "pretrain.jsonl")) == 8
+    assert len(_lines(synth / "retrieval_test.jsonl")) == 4
+    assert len(_lines(synth / "mc_test.jsonl")) == 4
+    assert len(_lines(synth / "classify_train.jsonl")) == 6
+    assert all((synth / r["video"]).is_file() for r in _lines(synth / "pretrain.jsonl"))
+
+
+def test_pretrain_releases_weights_with_their_input_settings(pretrained):
+    config = json.loads((pretrained / "config.json").read_text())
+    assert config["name"] == "umt_tiny" and config["kwargs"]["stage"] == 2
+    assert config["extra"]["data"]["num_frames"] == 2 and config["extra"]["data"]["size"] == 32
+
+
+@pytest.mark.parametrize("task", ["retrieval", "qa", "mc", "probe"])
+def test_eval_each_task_from_released_weights(task, bench, pretrained, capsys):
+    synth, _ = bench
+    test = {"retrieval": "retrieval_test", "qa": "qa_test", "mc": "mc_test",
+            "probe": "classify_test"}[task]
+    extra = [f"data.train={synth / 'classify_train.jsonl'}"] if task == "probe" else []
+    assert main(["eval", task, "--quiet", "--model", str(pretrained), "--config", bench[1],
+                 f"data.root={synth}", f"data.test={synth / (test + '.jsonl')}", *extra]) == 0
+    metrics = _json_out(capsys)
+    records = _lines(synth / f"{test}.jsonl")
+    if task == "retrieval":
+        captions = sum(len(r["caption"]) if isinstance(r["caption"], list) else 1
+                       for r in records)
+        assert (metrics["num_videos"], metrics["num_texts"]) == (len(records), captions)
+        # every text has one right video among 4: R@5 covers them all, R@1 cannot exceed it
+        assert metrics["dual/t2v/R@5"] == 100.0
+    elif task == "mc":
+        assert metrics["num_items"] == len(records)
+    elif task == "qa":
+        assert metrics["num_items"] == len(records) if "num_items" in metrics else True
+    else:
+        assert (metrics["num_train"], metrics["num_test"]) == (6, len(records))
+    assert all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("task", ["retrieval", "qa", "mc", "classify"])
+def test_finetune_each_task_and_its_release_evaluates_the_same(task, bench, tmp_path, capsys):
+    """`leanvl finetune TASK` trains, evaluates and releases; `leanvl eval TASK --model` on the
+    release gives the metrics the run measured on its last step (the head loads back)."""
+    synth, config = bench
+    train, test = {"retrieval": ("pretrain", "retrieval_test"), "mc": ("pretrain", "mc_test"),
+                   "qa": ("qa_train", "qa_test"),
+                   "classify": ("classify_train", "classify_test")}[task]
+    data = [f"data.root={synth}", f"data.test={synth / (test + '.jsonl')}"]
+    assert main(["finetune", task, config, f"out={tmp_path}", *data,
+                 f"data.train={synth / (train + '.jsonl')}"]) == 0
+    result = _json_out(capsys)
+    released = tmp_path / "model"
+    extra = json.loads((released / "config.json").read_text())["extra"]
+    # retrieval and mc release a pre-training-shaped model (no task head)
+    assert extra.get("task", "retrieval") == ("retrieval" if task == "mc" else task)
+    assert main(["eval", task, "--quiet", "--model", str(released), "--config", config,
+                 *data]) == 0
+    again = _json_out(capsys)
+    during = result["eval"]
+    for key, value in again.items():
+        if not key.startswith("seconds") and isinstance(value, (int, float)) and key in during:
+            assert value == pytest.approx(during[key], abs=1e-6), key
+
+
+def test_profile_counts_the_parameters_of_the_model(capsys):
+    from leanvl.models.registry import create_model
+
+    assert main(["profile", "umt_tiny", "--frames", "2", "--size", "32", "--repeats", "1",
+                 "--no-latency", "stage=1"]) == 0
+    table = capsys.readouterr().out
+    model = create_model("umt_tiny", stage=1)
+    encoder = sum(p.numel() for p in model.video_encoder.parameters())
+    assert f"{encoder / 1e6:.2f}M" in table or f"{encoder:,}" in table, table
+
+
+def test_data_shard_packs_every_record(bench, tmp_path, capsys):
+    from leanvl.data.shards import ShardDataset, shard_urls
+
+    synth, _ = bench
+    anno = synth / "pretrain.jsonl"
+    assert main(["data", "shard", str(anno), "--root", str(synth), "--out",
+                 str(tmp_path / "shards"), "--max-count", "3", "--quiet"]) == 0
+    assert "wrote 8 samples in 3 shards" in capsys.readouterr().out
+    index = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    assert index["samples"] == 8 and len(shard_urls(str(tmp_path / "shards"))) == 3
+    dataset = ShardDataset(str(tmp_path / "shards"), num_frames=2, size=32, train=False)
+    captions = sorted(s["caption"] for s in dataset)
+    assert captions == sorted(r["caption"][0] for r in _lines(anno))
+
+
+def test_data_convert_from_the_command_line(tmp_path, capsys):
+    fixtures = Path(__file__).parent / "fixtures" / "convert"
+    out = tmp_path / "msrvtt_test.jsonl"
+    assert main(["data", "convert", "msrvtt", "--test-csv",
+                 str(fixtures / "MSRVTT_JSFUSION_test.csv"), "--out", str(out)]) == 0
+    summary = _json_out(capsys)
+    rows = (fixtures / "MSRVTT_JSFUSION_test.csv").read_text().splitlines()[1:]
+    assert len(_lines(out)) == len([r for r in rows if r.strip()])
+    assert summary
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "src" / "leanvl" /
+                                  "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_and_builds_its_model_on_the_meta_device(preset):
+    from leanvl.config import load_config, to_object
+    from leanvl.models.registry import create_model
+
+    cfg = load_config(preset)
+    to_object(cfg)  # every field is a known one of its type
+    kwargs = dict(cfg.model.kwargs)
+    if kwargs.get("freeze_pretrained") and not kwargs.get("init"):
+        kwargs["freeze_pretrained"] = False  # init: the user's ViT weights file
+    # transformers reads a pretrained text model (MiniLM, the demo's) into real memory
+    device = "cpu" if kwargs.get("text_pretrained") else "meta"
+    with torch.device(device):
+        model = create_model(cfg.model.name, **kwargs)
+    tensors = list(model.parameters())
+    assert tensors and all(t.device.type == device for t in tensors), preset
