@@ -175,3 +175,77 @@ def test_every_preset_loads_and_builds_its_model_on_the_meta_device(preset):
         model = create_model(cfg.model.name, **kwargs)
     tensors = list(model.parameters())
     assert tensors and all(t.device.type == device for t in tensors), preset
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+class _MeanModel(torch.nn.Module):
+    """A one-parameter model whose loss reads the clips (the trainer needs something to fit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def pretrain_losses(self, batch):
+        return {"mean": (self.scale * batch["video"].mean()) ** 2}
+
+
+def test_too_many_bad_samples_counts_every_one_over_the_loader_workers(tmp_path):
+    """40 clips, one empty, one missing, one truncated, read by two loader workers: the run
+    stops, and its error counts all three (not only those in the batches trained so far)."""
+    from leanvl.config import load_config
+    from leanvl.data.annotations import write_annotations
+    from leanvl.data.datasets import Collator, TooManyBadSamples, VideoTextDataset, make_loader
+    from leanvl.data.video import write_video
+    from leanvl.engine.trainer import Trainer
+    from tests.conftest import ramp_frames
+
+    records = []
+    for i in range(39):
+        write_video(tmp_path / f"c{i}.mp4", ramp_frames(num_frames=4, offset=i), fps=8)
+        records.append({"video": f"c{i}.mp4", "caption": f"clip {i}"})
+    (tmp_path / "c5.mp4").write_bytes(b"")
+    whole = (tmp_path / "c30.mp4").read_bytes()
+    (tmp_path / "c30.mp4").write_bytes(whole[: len(whole) // 2])
+    records.append({"video": "gone.mp4", "caption": "missing"})
+    anno = write_annotations(records, tmp_path / "train.jsonl")
+    dataset = VideoTextDataset(anno, tmp_path, num_frames=2, size=32, train=True)
+    loader = make_loader(dataset, 4, Collator(None), train=True, num_workers=2)
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", "data.max_bad_fraction=0.01",
+                             "train.epochs=1", "train.precision=fp32"])
+    trainer = Trainer(cfg, _MeanModel(), loader, device="cpu", progress=False)
+    with pytest.raises(TooManyBadSamples) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert message.startswith("3 corrupt samples out of 40"), message
+
+
+def test_loading_released_weights_prints_no_load_report_or_fresh_head_note(tmp_path, capfd,
+                                                                          caplog):
+    """A MiniLM-based model: building it for training says once that its MLM head starts
+    fresh (MiniLM has none) and prints no transformers table; loading its released weights,
+    which hold the head, says neither."""
+    import logging
+
+    from leanvl.config import load_config
+    from leanvl.engine.checkpoint import load_pretrained
+    from leanvl.tasks.build import build_model, release
+
+    cfg = load_config("demo_umt_stage2", ["model.kwargs.uta_layers=0", "data.size=32"])
+    with caplog.at_level(logging.INFO):
+        model = build_model(cfg.model)
+    fresh = [r.getMessage() for r in caplog.records if "starts fresh" in r.getMessage()]
+    assert len(fresh) == 1 and "text_encoder.mlm_head" in fresh[0]
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err
+    assert "Loading weights" not in printed.out + printed.err
+    release(model, tmp_path / "model", cfg.data)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        loaded = load_pretrained(tmp_path / "model")
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err and printed.out == ""
+    assert not [r for r in caplog.records if "starts fresh" in r.getMessage()
+                or r.levelno >= logging.INFO and "mlm" in r.getMessage().lower()]
+    assert torch.equal(loaded.text_encoder.mlm_head.transform.dense.weight,
+                       model.text_encoder.mlm_head.transform.dense.weight)
