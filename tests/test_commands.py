@@ -249,3 +249,80 @@ def test_loading_released_weights_prints_no_load_report_or_fresh_head_note(tmp_p
                 or r.levelno >= logging.INFO and "mlm" in r.getMessage().lower()]
     assert torch.equal(loaded.text_encoder.mlm_head.transform.dense.weight,
                        model.text_encoder.mlm_head.transform.dense.weight)
+
+
+# -- leanvl convert ----------------------------------------------------------------------------
+
+# official B/16 sizes -> the tiny ones (ViT 192 wide, 4 blocks; CLIP-tiny's 128-d output)
+_TINY = {768: 192, 2304: 576, 3072: 768, 512: 128}
+
+
+def _tiny_official(name: str, keep_blocks: int = 4, keep_heads: int = 2) -> dict:
+    """Random tensors with the official names of a reference key list, at the tiny sizes."""
+    import ast
+    import re
+
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    reference = Path(__file__).parent / "fixtures" / "reference" / name
+    for line in reference.read_text().splitlines():
+        key, shape = line.split("\t")
+        block = re.search(r"(?:blocks|resblocks)\.(\d+)\.", key)
+        head = re.match(r"clip_decoder\.(\d+)\.", key)
+        if (block and int(block.group(1)) >= keep_blocks) or \
+                (head and int(head.group(1)) >= keep_heads):
+            continue
+        size = tuple(_TINY.get(d, d) for d in ast.literal_eval(shape))
+        state[key] = torch.randn(size, generator=generator)
+    return state
+
+
+def _save_official(state: dict, path: Path) -> Path:
+    torch.save({"model": state} if path.suffix == ".pth" else state, path)
+    return path
+
+
+def test_convert_umt_stage1_gives_weights_a_umt_model_starts_from(tmp_path, capsys):
+    from leanvl.config import ModelConfig
+    from leanvl.tasks.build import build_model
+
+    official = _tiny_official("umt_pretrain_b16_keys.txt")
+    source = _save_official(official, tmp_path / "umt_stage1.pth")
+    out = tmp_path / "stage1.safetensors"
+    assert main(["convert", "umt-stage1", str(source), str(out), "--allow-pickle"]) == 0
+    assert _json_out(capsys)["tensors"] == len(official)
+    model = build_model(ModelConfig(name="umt_tiny", pretrained=str(out),
+                                    kwargs={"stage": 1, "teacher": "tiny"}))
+    assert torch.equal(model.video_encoder.blocks[3].attn.qkv.weight,
+                       official["encoder.blocks.3.attn.qkv.weight"])
+    assert torch.equal(model.uta_heads[1].head.weight, official["clip_decoder.1.head.weight"])
+
+
+def test_convert_umt_finetune_gives_a_classifier_state(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    official = _tiny_official("umt_finetune_b16_keys.txt")
+    source = _save_official(official, tmp_path / "k400.pth")
+    out = tmp_path / "k400.safetensors"
+    assert main(["convert", "umt-finetune", str(source), str(out), "--allow-pickle"]) == 0
+    assert _json_out(capsys)["tensors"] == len(official)
+    state = load_file(str(out))
+    assert torch.equal(state["model.video_encoder.blocks.2.mlp.fc2.weight"],
+                       official["blocks.2.mlp.fc2.weight"])
+    assert torch.equal(state["head.head.weight"], official["head.weight"])
+    assert torch.equal(state["head.fc_norm.bias"], official["fc_norm.bias"])
+
+
+def test_convert_clip_visual_gives_a_teacher_file(tmp_path, capsys):
+    from leanvl.models.teachers import CLIPVisionTeacher
+
+    official = _tiny_official("openai_clip_vit_b16_visual_keys.txt")
+    source = _save_official(official, tmp_path / "ViT-tiny.pt")
+    out = tmp_path / "clip_tiny.safetensors"
+    assert main(["convert", "clip-visual", str(source), str(out), "--allow-pickle"]) == 0
+    assert _json_out(capsys)["tensors"] == len(official)
+    teacher = CLIPVisionTeacher.from_file(str(out), return_layers=2)
+    assert teacher.out_dim == 128
+    state = teacher.state_dict()
+    expected = official["transformer.resblocks.1.mlp.c_fc.weight"]
+    assert any(v.shape == expected.shape and torch.equal(v, expected) for v in state.values())
