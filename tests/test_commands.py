@@ -326,3 +326,25 @@ def test_convert_clip_visual_gives_a_teacher_file(tmp_path, capsys):
     state = teacher.state_dict()
     expected = official["transformer.resblocks.1.mlp.c_fc.weight"]
     assert any(v.shape == expected.shape and torch.equal(v, expected) for v in state.values())
+
+
+# -- leanvl demo -------------------------------------------------------------------------------
+
+def test_demo_quick_runs_every_stage_through_its_report(tmp_path, capsys):
+    """`leanvl demo --quick` on a smaller-still benchmark with one short epoch per stage:
+    teacher, stage 1, stage 2, zero-shot evaluation, results table and report."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--quiet", "--out", str(out), *SYNTH, "train.epochs=1",
+                 "data.batch_size=4", "data.num_workers=0", "data.cpu_threads=1",
+                 "eval.batch_size=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "text-to-video R@1" in printed and "report:" in printed
+    results = json.loads((out / "results.json").read_text())
+    synth = out / "synth"
+    assert results["results"]["retrieval"]["num_videos"] == \
+        len(_lines(synth / "retrieval_test.jsonl")) == 4
+    assert results["results"]["mc"]["num_items"] == len(_lines(synth / "mc_test.jsonl"))
+    for stage in ("teacher", "stage1", "stage2"):  # one short epoch each: 2 steps of 4 clips
+        assert (out / stage / "model" / "model.safetensors").is_file()
+        assert "epochs: 1\n" in (out / stage / "stage_config.yaml").read_text()
+    assert (out / "report").is_dir() and any((out / "report").iterdir())
