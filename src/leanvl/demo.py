@@ -17,6 +17,10 @@ cached latents).
 
 A stage whose released weights exist with an identical config is reused, so an interrupted
 demo continues where it stopped.
+
+Extra ``key=value`` arguments are synthetic-benchmark options, except ``train.*``, ``data.*``,
+``eval.*`` and ``model.*`` ones, which go to every stage's run config (e.g.
+``leanvl demo --quick pretrain_clips=8 train.epochs=1`` for a run of seconds, as the tests do).
 """
 
 from __future__ import annotations
