@@ -84,10 +84,8 @@ def test_eval_each_task_from_released_weights(task, bench, pretrained, capsys):
         assert (metrics["num_videos"], metrics["num_texts"]) == (len(records), captions)
         # every text has one right video among 4: R@5 covers them all, R@1 cannot exceed it
         assert metrics["dual/t2v/R@5"] == 100.0
-    elif task == "mc":
+    elif task in ("mc", "qa"):
         assert metrics["num_items"] == len(records)
-    elif task == "qa":
-        assert metrics["num_items"] == len(records) if "num_items" in metrics else True
     else:
         assert (metrics["num_train"], metrics["num_test"]) == (6, len(records))
     assert all(not isinstance(v, float) or math.isfinite(v) for v in metrics.values())
@@ -126,7 +124,7 @@ def test_profile_counts_the_parameters_of_the_model(capsys):
     table = capsys.readouterr().out
     model = create_model("umt_tiny", stage=1)
     encoder = sum(p.numel() for p in model.video_encoder.parameters())
-    assert f"{encoder / 1e6:.2f}M" in table or f"{encoder:,}" in table, table
+    assert f"{encoder / 1e6:.2f}M" in table, table
 
 
 def test_data_shard_packs_every_record(bench, tmp_path, capsys):
