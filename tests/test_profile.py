@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -80,9 +82,12 @@ def test_count_parameters_grouping():
 
 
 def test_latency_throughput_memory():
-    timing = measure_latency(lambda: torch.ones(1000).sum(), warmup=1, repeats=3)
-    assert set(timing) >= {"mean_ms", "std_ms"} and timing["mean_ms"] > 0
-    assert training_throughput(lambda: None, batch_size=8, steps=3) > 0
+    calls = []
+    timing = measure_latency(lambda: calls.append(1), warmup=1, repeats=3)
+    assert set(timing) >= {"mean_ms", "std_ms"} and len(calls) == 1 + 3
+    calls.clear()
+    throughput = training_throughput(lambda: calls.append(1), batch_size=8, steps=3, warmup=2)
+    assert len(calls) == 2 + 3 and math.isfinite(throughput)
     memory = peak_memory(lambda: torch.ones(64 * 2**20).add_(1), "cpu")  # 256 MiB
     if memory["peak_mib"] is not None:  # /proc/self unavailable off Linux
         assert memory["peak_mib"] > 200

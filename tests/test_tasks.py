@@ -156,7 +156,7 @@ def test_dual_and_reranked_metrics_differ_exactly_as_constructed():
     # outside the top-k the dual order is kept, below every re-scored candidate
     row = scores["rerank_t2v"][0]
     assert row[1] == row[2] == 0.0 and row[0] > row[3] == row[4] and row[0] < 0.0
-    assert result["seconds"] > 0
+    assert isinstance(result["seconds"], float)  # timings are reported, not checked
 
 
 def test_reranking_only_scores_the_top_k_pairs():

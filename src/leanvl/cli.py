@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="CLIP visual weights to distil from (skips the demo teacher)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="synthetic benchmark options (SynthConfig fields)")
+                   help="synthetic benchmark options (SynthConfig fields); train.*, data.*, "
+                   "eval.* and model.* ones go to every stage's run config")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pretrain", help="pre-train a model (e.g. leanvl pretrain umt_b16_stage1 "

@@ -17,6 +17,10 @@ cached latents).
 
 A stage whose released weights exist with an identical config is reused, so an interrupted
 demo continues where it stopped.
+
+Extra ``key=value`` arguments are synthetic-benchmark options, except ``train.*``, ``data.*``,
+``eval.*`` and ``model.*`` ones, which go to every stage's run config (e.g.
+``leanvl demo --quick pretrain_clips=8 train.epochs=1`` for a run of seconds, as the tests do).
 """
 
 from __future__ import annotations
@@ -42,6 +46,15 @@ QUICK_SYNTH = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=
 QUICK_TRAIN = {"teacher": ["train.epochs=3"], "stage1": ["train.epochs=1"],
                "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"]}
 METHODS = ("umt", "perceiver_vl")
+# Overrides with these sections go to every stage's run config (e.g. train.epochs=0.1 for a
+# shorter run); the others are synthetic-benchmark options.
+STAGE_SECTIONS = ("train.", "data.", "eval.", "model.")
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """(synthetic-benchmark overrides, stage overrides) of the demo's key=value list."""
+    stage = [item for item in items if item.startswith(STAGE_SECTIONS)]
+    return [item for item in items if item not in stage], stage
 
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
@@ -170,6 +183,7 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
     if method != "umt" and (ablation or teacher):
         raise ValueError("--ablation and --teacher belong to the UMT demo (--method umt)")
     out = Path(out)
+    synth_overrides, stage_overrides = split_overrides(list(synth_overrides or []))
     timings: dict[str, float] = {}
     start = time.perf_counter()
     synth_cfg = load_config(None, [f"synth.out={out / 'synth'}"] + [
@@ -180,7 +194,8 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
     print(synthetic.format_summary(summary))
     timings["synthetic benchmark"] = time.perf_counter() - start
     root = out / "synth"
-    quick_for = (lambda stage: QUICK_TRAIN[stage]) if quick else (lambda stage: [])
+    def quick_for(stage: str) -> list[str]:
+        return (QUICK_TRAIN[stage] if quick else []) + stage_overrides
 
     if method == "perceiver_vl":
         cfg = _stage_config("demo_perceiver_vl", out / "perceiver_vl", root,

@@ -289,19 +289,34 @@ class BadSampleTracker:
         """Distinct corrupt media seen."""
         return len(self.bad)
 
-    def update(self, batch: dict[str, Any]) -> None:
-        """Account for one batch; raise TooManyBadSamples when over the limit."""
+    def count(self, batch: dict[str, Any]) -> None:
+        """Account for one batch without checking the limit."""
         skipped = batch.get("skipped", [])
         self.seen += len(batch["index"]) + len(skipped)
         for name in skipped:
             self.bad[name] = self.bad.get(name, 0) + 1
-        base = self.dataset_size or max(self.seen, self.min_seen)
-        if self.num_bad > self.max_fraction * base:
-            shown = "; ".join(list(self.bad)[:5])
-            raise TooManyBadSamples(
-                f"{self.num_bad} corrupt samples out of {base} exceed max_bad_fraction="
-                f"{self.max_fraction} (e.g. {shown}). Run `leanvl data check` on the annotations "
-                "and train on its --clean-out file, or raise data.max_bad_fraction.")
+
+    def over_limit(self) -> bool:
+        """True when the distinct corrupt media exceed ``max_fraction``."""
+        return self.num_bad > self.max_fraction * self._base()
+
+    def _base(self) -> int:
+        return self.dataset_size or max(self.seen, self.min_seen)
+
+    def update(self, batch: dict[str, Any]) -> None:
+        """Account for one batch; raise TooManyBadSamples when over the limit."""
+        self.count(batch)
+        if self.over_limit():
+            raise self.error()
+
+    def error(self, bad: dict[str, int] | None = None, note: str = "") -> TooManyBadSamples:
+        """The error naming how many corrupt media ``bad`` (default: this tracker's) holds."""
+        bad = self.bad if bad is None else bad
+        shown = "; ".join(list(bad)[:5])
+        return TooManyBadSamples(
+            f"{len(bad)} corrupt samples out of {self._base()}{note} exceed max_bad_fraction="
+            f"{self.max_fraction} (e.g. {shown}). Run `leanvl data check` on the annotations "
+            "and train on its --clean-out file, or raise data.max_bad_fraction.")
 
     def state(self) -> dict[str, Any]:
         """Counts for logs and checkpoints."""

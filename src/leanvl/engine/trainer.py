@@ -62,6 +62,9 @@ from leanvl.engine.precision import autocast, make_grad_scaler, resolve_precisio
 from leanvl.engine.resumable import ResumableBatches
 
 log = logging.getLogger(__name__)
+# Over the corrupt-sample limit, how long a run may keep reading its epoch (without training)
+# so that its error counts the corrupt media the loader workers and the other ranks met.
+BAD_SAMPLE_COUNT_SECONDS = 120.0
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
@@ -399,15 +402,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def _count_every_bad_sample(self, iterator) -> Exception:
+        """The error of a run over ``data.max_bad_fraction``, counting every corrupt sample:
+        loader workers run ahead of training, so this rank first reads the rest of its epoch
+        (no training; at most ``BAD_SAMPLE_COUNT_SECONDS``), then the ranks pool their lists."""
+        deadline = time.perf_counter() + BAD_SAMPLE_COUNT_SECONDS
+        complete = True
+        for batch in iterator:
+            if isinstance(batch, dict):
+                self.tracker.count(batch)
+            if time.perf_counter() > deadline:
+                complete = False
+                break
+        bad: dict[str, int] = {}
+        parts = dist_utils.all_gather_object((dict(self.tracker.bad), complete))
+        for part, _ in parts:
+            for name, times in part.items():
+                bad[name] = bad.get(name, 0) + times
+        note = "" if all(done for _, done in parts) else \
+            f" (at least: counting stopped after {BAD_SAMPLE_COUNT_SECONDS:.0f} s of reading)"
+        return self.tracker.error(bad, note)
+
     def _train_step(self, iterator) -> dict[str, float] | None:
         """One optimizer step over ``grad_accum`` micro-batches; None when the data ran out."""
         start = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         data_time, samples, skipped = 0.0, 0, 0
-        bad_error: Exception | None = None
-        from leanvl.data.datasets import TooManyBadSamples
-
+        over_limit = False
         for micro in range(self.accum):
             fetch = time.perf_counter()
             try:
@@ -421,10 +443,8 @@ class Trainer:
             data_time += time.perf_counter() - fetch
             self.batch_in_epoch += 1
             if isinstance(batch, dict):
-                try:
-                    self.tracker.update(batch)
-                except TooManyBadSamples as error:
-                    bad_error = error
+                self.tracker.count(batch)
+                over_limit = over_limit or self.tracker.over_limit()
                 skipped += len(batch.get("skipped", []) or [])
             samples += _batch_size(batch)
             batch = to_device(batch, self.device)
@@ -444,14 +464,11 @@ class Trainer:
             counts["loss"] = counts.get("loss", 0) + 1
 
         names = sorted(n for n in sums if n != "loss") + ["loss"]
-        flags = torch.tensor([1.0 if bad_error is not None else 0.0], device=self.device)
+        flags = torch.tensor([1.0 if over_limit else 0.0], device=self.device)
         values = torch.stack([sums[n] / counts[n] for n in names] + [flags[0]])
         values = dist_utils.all_reduce_mean(values).tolist()
-        if values[-1] > 0:
-            if bad_error is not None:
-                raise bad_error
-            raise TooManyBadSamples("another rank saw more corrupt samples than "
-                                    "data.max_bad_fraction allows (see its log)")
+        if values[-1] > 0:  # some rank is over the limit: every rank stops here
+            raise self._count_every_bad_sample(iterator)
         reduced = dict(zip(names, values[:-1]))
         for name in names:
             if not math.isfinite(reduced[name]):

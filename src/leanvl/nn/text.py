@@ -26,6 +26,42 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# Checkpoint keys that BertModel(add_pooling_layer=False) leaves out on purpose.
+_UNUSED_BERT_KEYS = ("pooler.",)
+
+
+class _quiet_transformers:
+    """No load-report table and no "Loading weights" bar from transformers while loading:
+    ``_log_loading_info`` says in one line what the table would."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.verbosity = hf_logging.get_verbosity()
+        self.bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self.verbosity)
+        if self.bar:
+            hf_logging.enable_progress_bar()
+
+
+def _log_loading_info(folder: Path, info: dict) -> None:
+    """One log line on a BERT checkpoint's keys that did not load (INFO when any matter)."""
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_UNUSED_BERT_KEYS))
+    missing = sorted(info.get("missing_keys", ()))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or unused or mismatched:
+        log.info("%s: weights starting fresh: %s; checkpoint keys not used: %s; shape "
+                 "mismatches: %s", folder, ", ".join(missing) or "none",
+                 ", ".join(unused) or "none", ", ".join(mismatched) or "none")
+    else:
+        log.debug("%s: all BERT weights loaded (the pooler is not used)", folder)
+
 #: BERT-uncased special token ids (override for other tokenizers / truncated vocabularies)
 BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 
@@ -130,6 +166,9 @@ class BertTextEncoder(nn.Module):
         self.encoder = _Encoder(layers)
         self.mlm_head = BertMLMHead(self.embeddings.word_embeddings, self.config.hidden_act,
                                     self.config.layer_norm_eps) if mlm_head else None
+        # the BERT folder whose weights had no MLM head (set by from_pretrained; the head starts
+        # fresh unless weights loaded afterwards fill it: see tasks.build.build_model)
+        self.mlm_head_source: str | None = None
 
     def _fusion_layer(self, text_layer: nn.Module, index: int) -> nn.Module:
         """A BERT layer with cross-attention that keeps ``text_layer``'s other weights."""
@@ -174,9 +213,11 @@ class BertTextEncoder(nn.Module):
         rates = {name: float(value) for name, value in
                  (("hidden_dropout_prob", dropout), ("attention_probs_dropout_prob",
                                                      attention_dropout)) if value is not None}
-        base = BertModel.from_pretrained(str(folder), local_files_only=True,
-                                         add_pooling_layer=False,
-                                         attn_implementation=attn_implementation, **rates)
+        with _quiet_transformers():
+            base, info = BertModel.from_pretrained(
+                str(folder), local_files_only=True, add_pooling_layer=False,
+                attn_implementation=attn_implementation, output_loading_info=True, **rates)
+        _log_loading_info(folder, info)
         total = base.config.num_hidden_layers
         text_layers = total - fusion_layers if text_layers is None else text_layers
         wanted = text_layers + fusion_layers
@@ -199,7 +240,9 @@ class BertTextEncoder(nn.Module):
         wanted = {k[len(prefix):]: v for k, v in state.items()
                   if k.startswith(prefix) and not k.startswith(prefix + "decoder.")}
         if not wanted:
-            log.info("%s has no MLM head weights; the MLM head starts fresh", folder)
+            # released weights usually fill the head next; build_model says when none do
+            log.debug("%s has no MLM head weights", folder)
+            self.mlm_head_source = str(folder)
             return
         missing, unexpected = self.mlm_head.load_state_dict(wanted, strict=False)
         missing = [m for m in missing if not m.startswith("decoder.")]

@@ -128,7 +128,19 @@ def build_model(model_cfg: Any, extra_kwargs: dict[str, Any] | None = None) -> n
         log.info("initialised %s from %s; trained from scratch: %s; not used: %s",
                  model_cfg.name, path, ", ".join(fresh) or "nothing",
                  ", ".join(unused) or "nothing")
+    _log_fresh_mlm_heads(model, fresh if model_cfg.pretrained else None)
     return model
+
+
+def _log_fresh_mlm_heads(model: nn.Module, fresh: list[str] | None) -> None:
+    """Say which MLM heads start fresh: those whose BERT folder had none and that no
+    ``model.pretrained`` weights filled (``fresh``: its top-level modules that started from
+    scratch; None without such weights)."""
+    for name, module in model.named_modules():
+        source = getattr(module, "mlm_head_source", None)
+        top = name.split(".")[0]
+        if source and (fresh is None or f"{top}." in fresh):
+            log.info("%s has no MLM head weights; %s.mlm_head starts fresh", source, name)
 
 
 def _stored_keys(path: str | Path) -> list[str] | None:
