@@ -19,6 +19,9 @@ other values such as caption lists are passed through). The engine owns everythi
   ``checkpoint.py`` for what is stored;
 - corrupt-sample accounting (``BadSampleTracker``) and a clear error on NaN/inf losses;
   either stops every rank together, because the check happens after the per-step all-reduce;
+- ``stop_at``: a wall-clock deadline (``time.time()``); training ends after the first step
+  that passes it, saves a checkpoint and releases as usual (``fit()['stopped_early']``), for runs
+  that must keep a time budget (the demo);
 - ``evaluate(model) -> dict[str, float]``: called on every rank with the unwrapped model in
   eval mode under ``torch.no_grad()`` and autocast, every ``train.eval_every`` epochs and at
   the end; the RNG state is saved around it, so evaluating never changes the training run.
@@ -130,7 +133,7 @@ class Trainer:
     def __init__(self, cfg: Any, model: nn.Module, train_loader: Any,
                  evaluate: EvaluateFn | None = None, device: torch.device | str | None = None,
                  *, find_unused_parameters: bool | None = None, include_frozen: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, stop_at: float | None = None):
         self.cfg, self.train_cfg = cfg, cfg.train
         self.model = model
         self.evaluate = evaluate
@@ -144,6 +147,8 @@ class Trainer:
         self.loss_weights = {str(k): float(v) for k, v in (self.train_cfg.loss_weights or {}).items()}
         self.frozen_prefixes = frozen_prefixes_of(model)
         self.progress = progress and self.is_main
+        self.stop_at = stop_at
+        self.stopped_early = False
 
         if self.train_cfg.activation_checkpointing:
             setter = getattr(model, "set_grad_checkpointing", None)
@@ -493,7 +498,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (resuming if configured); returns the final metrics and history.
 
-        Keys: ``step``, ``epoch``, ``train`` (the last logged record), ``eval`` (the last
+        Keys: ``step``, ``epoch``, ``steps_per_epoch``, ``stopped_early`` (``stop_at`` ended
+        the run before ``total_steps``), ``train`` (the last logged record), ``eval`` (the last
         evaluation's metrics), ``history`` (every logged record), ``eval_history``,
         ``checkpoint`` (the last checkpoint written or loaded).
         """
@@ -543,11 +549,13 @@ class Trainer:
                         window, window_start = [], time.perf_counter()
                     if save_every > 0 and self.step % save_every == 0:
                         self.save()
+                    if self._past_deadline():
+                        break
                 if self.batches_per_epoch is not None and \
                         self.batch_in_epoch + self.accum > self.steps_per_epoch * self.accum:
                     epoch_done = True
-                if not epoch_done:
-                    break  # reached total_steps inside the epoch
+                if not epoch_done or self.stopped_early:
+                    break  # reached total_steps (or the deadline) inside the epoch
                 if self.batch_in_epoch == 0 and self.batches_per_epoch is None:
                     raise RuntimeError("the training loader yielded no batches")
                 self.epoch += 1
@@ -569,9 +577,23 @@ class Trainer:
             bar.close()
             self._writer.close()
         return {"step": self.step, "epoch": self._epoch_position(),
+                "steps_per_epoch": self.steps_per_epoch, "stopped_early": self.stopped_early,
                 "train": self.history[-1] if self.history else {},
                 "eval": final_eval, "history": self.history, "eval_history": self.eval_history,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _past_deadline(self) -> bool:
+        """Whether ``stop_at`` has passed (rank 0's clock decides for every rank)."""
+        if self.stop_at is None or self.step >= self.total_steps:
+            return False
+        passed = torch.tensor([1.0 if time.time() >= self.stop_at else 0.0], device=self.device)
+        if dist_utils.is_distributed():
+            passed = dist_utils.all_reduce_max(passed)
+        if passed.item() > 0:
+            self.stopped_early = True
+            log.warning("stopping at step %d of %d: the time budget (stop_at) has run out",
+                        self.step, self.total_steps)
+        return self.stopped_early
 
     def _last_eval(self) -> dict[str, float]:
         record = self.eval_history[-1]
