@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")
     p.add_argument("--ablation", action="store_true",
-                   help="stage 2 alone (no stage 1, no UTA) with the same stage-2 budget")
+                   help="stage 2 alone (no stage 1, no UTA), as many steps as the full "
+                   "pipeline's stage 2 took in this folder")
     p.add_argument("--teacher", help="CLIP visual weights to distil from (skips the demo teacher)")
     p.add_argument("--budget", type=float, default=BUDGET_MINUTES, metavar="MINUTES",
                    help="wall-clock budget for the whole demo: each stage's steps are sized to "

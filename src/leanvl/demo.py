@@ -318,14 +318,18 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
     quick_for = (lambda stage: QUICK_TRAIN[stage]) if quick else (lambda stage: [])
     if method == "perceiver_vl":
         stage_fn, report_name = _perceiver_vl_stages, "report_perceiver_vl"
-    else:
-        def stage_fn(stage_out, stage_root, quick_for, stage_timings, stage_progress):
-            return _umt_stages(stage_out, stage_root, ablation, teacher, quick_for,
-                               stage_timings, stage_progress)
-        report_name = "report_ablation" if ablation else "report"
-
     settings = {"budget_minutes": budget_minutes, "precision": demo_precision(precision),
                 "quick": quick, "synth": OmegaConf.to_container(synth_cfg.synth)}
+    if method == "umt":
+        # the ablation's stage 2 takes as many steps as the full pipeline's did (when it ran)
+        from leanvl.demo_budget import PLAN_FILE, load_plan
+
+        same = load_plan(out / PLAN_FILE, settings).get("UMT stage 2", {}).get("steps", 0)
+
+        def stage_fn(stage_out, stage_root, quick_for, stage_timings, stage_progress):
+            return _umt_stages(stage_out, stage_root, ablation, teacher, quick_for,
+                               stage_timings, stage_progress, ablation_steps=same)
+        report_name = "report_ablation" if ablation else "report"
     _active = _Pass(precision=settings["precision"], out=out)
     try:
         estimates: dict[str, float] = {}
@@ -450,9 +454,10 @@ def _plan_text(settings: dict[str, Any], budget_minutes: float,
 
 
 def _umt_stages(out: Path, root: Path, ablation: bool, teacher: str | None, quick_for,
-                timings: dict[str, float], progress: bool = True):
-    """The UMT stages (teacher, stage 1, stage 2 or the stage-2-only ablation); returns the
-    final weights folder, the last stage's config and the teacher file."""
+                timings: dict[str, float], progress: bool = True, ablation_steps: int = 0):
+    """The UMT stages (teacher, stage 1, stage 2 or the stage-2-only ablation, capped at
+    ``ablation_steps`` when > 0); returns the final weights folder, the last stage's config and
+    the teacher file."""
     if teacher is None:
         cfg = _stage_config("demo_clip_teacher", out / "teacher", root, quick_for("teacher"))
         teacher_dir = _train_stage("teacher (CLIP, VTC on frames)", cfg, timings, progress)
@@ -466,7 +471,8 @@ def _umt_stages(out: Path, root: Path, ablation: bool, teacher: str | None, quic
     if ablation:
         cfg = _stage_config("demo_umt_stage2", out / "stage2_only", root,
                             ["model.kwargs.teacher=", "model.kwargs.mask_type=random"]
-                            + quick_for("stage2"))
+                            + quick_for("stage2")
+                            + ([f"train.max_steps={ablation_steps}"] if ablation_steps else []))
         final = _train_stage("stage 2 only (no stage 1, no UTA)", cfg, timings, progress)
     else:
         cfg = _stage_config("demo_umt_stage1", out / "stage1", root,
