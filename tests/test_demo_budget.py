@@ -155,3 +155,57 @@ def test_demo_budget_options_parse():
                                       "--budget-from", "1700000000"])
     assert (args.budget, args.precision, args.budget_from) == (20.0, "fp32", 1700000000.0)
     assert build_parser().parse_args(["demo"]).budget == 15.0
+
+
+def test_shortened_schedule_is_continuous_and_ends_at_min_lr():
+    from leanvl.engine.optim import CosineFactor, cosine_lr
+
+    factor = CosineFactor(1.0, 0.1, 2, 20)
+    before = [factor(step) for step in range(21)]
+    assert before == pytest.approx([cosine_lr(s, 1.0, 0.1, 2, 20) for s in range(21)])
+    factor.shorten(10, 15)  # the 10 steps left of the schedule now take 5
+    assert [factor(s) for s in range(11)] == pytest.approx(before[:11])
+    assert factor(15) == pytest.approx(0.1)
+    assert factor(12) == pytest.approx(cosine_lr(14, 1.0, 0.1, 2, 20))
+
+
+def test_trainer_shortens_its_run_to_the_pace_of_its_steps(tmp_path, monkeypatch):
+    """A clock on which every step takes a second and a deadline 12 s away: the 18 configured
+    steps do not fit, so the run ends earlier with its lr schedule run to the end."""
+    import types
+
+    from leanvl.engine import trainer as trainer_module
+
+    clock = {"now": 0.0}
+
+    def fake_time():
+        clock["now"] += 0.5  # the trainer reads the clock twice per step
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module, "time",
+                        types.SimpleNamespace(time=fake_time, perf_counter=time_perf_counter))
+    cfg = toy_config(tmp_path, ["train.warmup_steps=1"])
+    loader = make_loader(ToyDataset(), 4, collate, train=True, seed=0)
+    trainer = Trainer(cfg, ToyModel(), loader, device="cpu", progress=False, stop_at=12.0)
+    result = trainer.fit()
+    assert result["shortened"] and not result["stopped_early"]
+    assert result["step"] < 18
+    lr, min_lr = float(cfg.train.lr), float(cfg.train.min_lr)
+    last = result["history"][-1]["lr"]
+    assert last < min_lr + 0.1 * (lr - min_lr)  # the cosine ran to its end
+    # the same steps without a deadline would still be half-way down the cosine
+    assert cosine_lr_at(result["step"] - 1, cfg) > min_lr + 0.3 * (lr - min_lr)
+
+
+def time_perf_counter() -> float:
+    """The real monotonic clock (step times), beside the fake wall clock."""
+    import time
+
+    return time.perf_counter()
+
+
+def cosine_lr_at(step: int, cfg) -> float:
+    """The lr of ``step`` on the toy config's unshortened 18-step schedule."""
+    from leanvl.engine.optim import cosine_lr
+
+    return cosine_lr(step, float(cfg.train.lr), float(cfg.train.min_lr), 1, 18)

@@ -208,6 +208,8 @@ def _probe_stage(name: str, cfg) -> Path:
     warmup = int(train.warmup_steps) or round(float(train.warmup_epochs) * per_epoch)
     step_times = [row["step_time"] for row in read_metrics(Path(cfg.out)) if "step_time" in row]
     _active.probes.append(probe_from_steps(name, step_times, wall, nominal, per_epoch, warmup))
+    log.info("demo plan: %s probed: steps of %s s, %.1f s in all; %s", name,
+             ", ".join(f"{t:.2f}" for t in step_times), wall, _active.probes[-1])
     return Path(cfg.out) / "model"
 
 
@@ -434,6 +436,8 @@ def _probe_evaluation(model_dir: Path, root: Path, cfg) -> float:
         start = time.perf_counter()
         evaluate_all(model_dir, root, cfg, progress=False, annotations=folder)
         points.append((fraction, time.perf_counter() - start))
+    log.info("demo plan: evaluation timed on %s", ", ".join(
+        f"{100 * x:.0f}% of the items in {t:.1f} s" for x, t in points))
     return eval_seconds(points[0], points[1])
 
 

@@ -19,9 +19,12 @@ other values such as caption lists are passed through). The engine owns everythi
   ``checkpoint.py`` for what is stored;
 - corrupt-sample accounting (``BadSampleTracker``) and a clear error on NaN/inf losses;
   either stops every rank together, because the check happens after the per-step all-reduce;
-- ``stop_at``: a wall-clock deadline (``time.time()``); training ends after the first step
-  that passes it, saves a checkpoint and releases as usual (``fit()['stopped_early']``), for runs
-  that must keep a time budget (the demo);
+- ``stop_at``: a wall-clock deadline (``time.time()``), for runs that must keep a time budget
+  (the demo). When the pace of the steps so far says the remaining ones would pass it, the run
+  is shortened to the steps that fit, and the rest of the lr schedule is compressed onto them
+  (``CosineFactor.shorten``), so it still ends at ``min_lr``; a later, faster pace lengthens
+  it again, up to the configured steps (``fit()['shortened']``). A step that ends past the
+  deadline ends training (``fit()['stopped_early']``); either way it saves and releases as usual;
 - ``evaluate(model) -> dict[str, float]``: called on every rank with the unwrapped model in
   eval mode under ``torch.no_grad()`` and autocast, every ``train.eval_every`` epochs and at
   the end; the RNG state is saved around it, so evaluating never changes the training run.
@@ -149,6 +152,7 @@ class Trainer:
         self.progress = progress and self.is_main
         self.stop_at = stop_at
         self.stopped_early = False
+        self._pace_from: tuple[int, float] | None = None  # (step, time) the pace counts from
 
         if self.train_cfg.activation_checkpointing:
             setter = getattr(model, "set_grad_checkpointing", None)
@@ -163,6 +167,7 @@ class Trainer:
         self.batches = ResumableBatches(train_loader, seed=int(cfg.seed))
         self.batches_per_epoch = self._batches_per_epoch(train_loader)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = self._plan()
+        self.planned_steps = self.total_steps  # what the config asks for; stop_at may shorten
 
         self.precision = resolve_precision(self.train_cfg.precision, self.device)
         self.scaler = make_grad_scaler(self.precision, self.device)
@@ -301,6 +306,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world_size,
             "grad_accum": self.accum,
+            "total_steps": self.total_steps,
             "config": _config_dict(self.cfg),
         }
 
@@ -353,6 +359,8 @@ class Trainer:
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = int(checkpoint["step"])
+        if self.scheduler.lr_lambdas[0].from_step > 0:  # a run shortened to keep a deadline
+            self.total_steps = int(checkpoint.get("total_steps", self.total_steps))
         self.epoch = int(checkpoint["epoch"])
         self.batch_in_epoch = int(checkpoint["batch_in_epoch"])
         self._saved_step = self.step
@@ -499,7 +507,8 @@ class Trainer:
         """Train to the end (resuming if configured); returns the final metrics and history.
 
         Keys: ``step``, ``epoch``, ``steps_per_epoch``, ``stopped_early`` (``stop_at`` ended
-        the run before ``total_steps``), ``train`` (the last logged record), ``eval`` (the last
+        the run before ``total_steps``), ``shortened`` (the pace shortened it to keep
+        ``stop_at``), ``train`` (the last logged record), ``eval`` (the last
         evaluation's metrics), ``history`` (every logged record), ``eval_history``,
         ``checkpoint`` (the last checkpoint written or loaded).
         """
@@ -551,6 +560,7 @@ class Trainer:
                         self.save()
                     if self._past_deadline():
                         break
+                    self._keep_pace(bar)
                 if self.batches_per_epoch is not None and \
                         self.batch_in_epoch + self.accum > self.steps_per_epoch * self.accum:
                     epoch_done = True
@@ -578,9 +588,37 @@ class Trainer:
             self._writer.close()
         return {"step": self.step, "epoch": self._epoch_position(),
                 "steps_per_epoch": self.steps_per_epoch, "stopped_early": self.stopped_early,
+                "shortened": self.total_steps < self.planned_steps,
                 "train": self.history[-1] if self.history else {},
                 "eval": final_eval, "history": self.history, "eval_history": self.eval_history,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _keep_pace(self, bar: ProgressBar) -> None:
+        """Fit the run's length to ``stop_at`` at the pace of its steps so far (the first two
+        steps of a run, loader start and kernel set-up, are left out of the pace)."""
+        if self.stop_at is None:
+            return
+        now = time.time()
+        if self._pace_from is None:
+            self._pace_from = (self.step + 2, 0.0)  # the step the pace counts from, and when
+        if self.step <= self._pace_from[0]:
+            self._pace_from = (self._pace_from[0], now)
+            return
+        counted = self.step - self._pace_from[0]
+        if counted < 5:
+            return
+        pace = (now - self._pace_from[1]) / counted
+        fit = self.step + max(0, math.floor((self.stop_at - now) / pace))
+        # rank 0's clock decides for every rank
+        target = int(dist_utils.broadcast_object(min(self.planned_steps, fit)))
+        if self.total_steps <= target <= self.total_steps + self.planned_steps // 50:
+            return  # lengthen only by more than 2% of the run, so the end does not wobble
+        self.scheduler.lr_lambdas[0].shorten(self.step, target)  # one factor for every group
+        log.info("at %.2f s per step, %d steps fit before stop_at: the run now ends at step %d "
+                 "of %d (the lr schedule compressed to match)", pace, fit, target,
+                 self.planned_steps)
+        self.total_steps = target
+        bar.set_total(target)
 
     def _past_deadline(self) -> bool:
         """Whether ``stop_at`` has passed (rank 0's clock decides for every rank)."""
