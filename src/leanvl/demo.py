@@ -352,21 +352,22 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
     timings["zero-shot evaluation"] = time.perf_counter() - eval_start
     timings["total"] = time.perf_counter() - start
     table = results_table(results, timings)
-    report = write_report(out / report_name, results, timings, table, stages=stages,
-                          model_dir=final, synth_root=root, teacher=teacher, cfg=cfg)
-    name = "results.json" if report_name == "report" else f"results_{report_name[7:]}.json"
     plan_record = {"settings": settings, "stages": [vars(p) for p in plan],
                    "steps_taken": steps_taken, "estimates": estimates,
                    "seconds_since_start": time.time() - (budget_end - 60.0 * budget_minutes)}
-    (out / name).write_text(json.dumps({"results": results, "timings": timings,
-                                        "plan": plan_record}, indent=1, default=float))
-    print("\n" + table + f"\n\nreport: {report}")
+    outcome = ""
     if plan:
         from leanvl.demo_budget import format_outcome
 
-        print("\n" + format_outcome(plan, timings, steps_taken, estimates)
-              + f"\n  since the start: {plan_record['seconds_since_start'] / 60:.1f} min of a "
-              f"{budget_minutes:g}-minute budget")
+        outcome = ("\n\n" + format_outcome(plan, timings, steps_taken, estimates)
+                   + f"\n  since the start: {plan_record['seconds_since_start'] / 60:.1f} min "
+                   f"of a {budget_minutes:g}-minute budget, before the report")
+    report = write_report(out / report_name, results, timings, table + outcome, stages=stages,
+                          model_dir=final, synth_root=root, teacher=teacher, cfg=cfg)
+    name = "results.json" if report_name == "report" else f"results_{report_name[7:]}.json"
+    (out / name).write_text(json.dumps({"results": results, "timings": timings,
+                                        "plan": plan_record}, indent=1, default=float))
+    print("\n" + table + f"\n\nreport: {report}" + outcome)
     return {"results": results, "timings": timings, "report": str(report), "plan": plan_record}
 
 
