@@ -209,3 +209,62 @@ def cosine_lr_at(step: int, cfg) -> float:
     from leanvl.engine.optim import cosine_lr
 
     return cosine_lr(step, float(cfg.train.lr), float(cfg.train.min_lr), 1, 18)
+
+
+def test_any_stage_function_is_planned_and_resumed(tmp_path, monkeypatch):
+    """A method's stage function written only with _stage_config and _train_stage is probed,
+    planned and trained to its plan; a rerun reuses its finished stages without probing."""
+    import json
+    from pathlib import Path
+
+    from leanvl import demo
+    from leanvl.tasks import pretrain
+
+    calls = []
+
+    def fake_pretrain(cfg, evaluate=None, progress=True, stop_at=None):
+        out = Path(cfg.out)
+        steps = int(cfg.train.max_steps)
+        calls.append((out.name, steps, int(cfg.train.warmup_steps)))
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        (out / "model" / "model.safetensors").write_text("weights")
+        step_time = 1.0 if out.name == "first" else 3.0
+        (out / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s + 1, "step_time": step_time}) + "\n" for s in range(steps)))
+        return {"step": steps, "steps_per_epoch": 100, "stopped_early": False}
+
+    def stages(out, root, quick_for, timings, progress):
+        first = demo._stage_config("demo_clip_teacher", out / "first", root, [])
+        weights = demo._train_stage("first", first, timings, progress)
+        second = demo._stage_config("demo_umt_stage1", out / "second", root,
+                                    [f"model.pretrained={weights}", "train.epochs=2"])
+        return demo._train_stage("second", second, timings, progress), second
+
+    monkeypatch.setattr(pretrain, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(demo, "_probe_evaluation", lambda *args: 10.0)
+    monkeypatch.setattr(demo, "_active", demo._Pass(out=tmp_path))
+    settings = {"budget_minutes": 10.0}
+    # the first stage is nominally 100 steps of 1 s, the second 200 of 3 s (epochs 1 and 2
+    # of 100 steps); 200 s for training leave 200 / 700 of each
+    budget_end = demo.time.time() + 200.0 + 10.0 + demo.REPORT_SECONDS + 30.0
+    demo._make_plan(tmp_path, tmp_path / "synth", stages, lambda s: [], settings, budget_end)
+    assert [c[1] for c in calls] == [5, 5]  # the probes
+    plans = demo._active.plans
+    assert plans["first"].nominal_steps == 100 and plans["second"].nominal_steps == 200
+    assert plans["first"].steps == pytest.approx(100 * 200 / 700, abs=2)
+    assert plans["second"].steps == pytest.approx(200 * 200 / 700, abs=4)
+    assert not (tmp_path / "plan_probe").exists()
+
+    calls.clear()
+    _, cfg = stages(tmp_path, tmp_path / "synth", None, {}, False)
+    assert [c[:2] for c in calls] == [("first", plans["first"].steps),
+                                      ("second", plans["second"].steps)]
+    assert int(cfg.train.max_steps) == plans["second"].steps
+    assert cfg.model.pretrained == str(tmp_path / "first" / "model")
+
+    calls.clear()  # a rerun: the stored plan and the finished stages are reused
+    monkeypatch.setattr(demo, "_active", demo._Pass(out=tmp_path))
+    demo._make_plan(tmp_path, tmp_path / "synth", stages, lambda s: [], settings, budget_end)
+    assert calls == [] and all(p.reused for p in demo._active.plans.values())
+    stages(tmp_path, tmp_path / "synth", None, {}, False)
+    assert calls == []
