@@ -1,11 +1,13 @@
 """Run ``leanvl demo`` from scratch and record its results and timings in docs/benchmarks.md.
 
     python benchmarks/demo_results.py [--method umt|perceiver_vl] [--quick] [--ablation] [--out DIR]
+                                      [--budget MINUTES] [--precision auto|bf16|fp32]
 
 Each run starts from an empty folder (the synthetic benchmark is generated again), so the time
-is what ``make demo`` takes on this machine. ``--ablation`` (UMT) also runs stage 2 alone, with
-the same stage-2 budget, without stage 1 and without UTA, into the same folder (the teacher and
-the benchmark are reused, so its time is the ablation's training and evaluation only).
+is what ``make demo`` takes on this machine (without the install). ``--ablation`` (UMT) also runs
+stage 2 alone, with as many steps as the full pipeline's stage 2, without stage 1 and without
+UTA, into the same folder (the teacher and the benchmark are reused, so its time is the
+ablation's training and evaluation only). ``--budget`` and ``--precision`` are the demo's.
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="UMT: also stage 2 alone")
     parser.add_argument("--out", default="", help="keep the demo folder here")
+    parser.add_argument("--budget", type=float, default=15.0, help="the demo's budget, minutes")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="leanvl-demo-"))
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: the timing needs a fresh folder")
-    runs = [("full pipeline", run_demo(out, quick=args.quick, progress=False,
-                                       method=args.method))]
+    options = dict(quick=args.quick, progress=False, budget_minutes=args.budget,
+                   precision=args.precision)
+    runs = [("full pipeline", run_demo(out, method=args.method, **options))]
     if args.ablation:
         runs.append(("stage 2 only (no stage 1, no UTA)",
-                     run_demo(out, quick=args.quick, progress=False, ablation=True)))
+                     run_demo(out, ablation=True, **options)))
     first = runs[0][1]["results"]
     rows = [[name] + [_value(run["results"], task, key) for run_name, run in runs]
             for name, task, key in ROWS]
@@ -78,7 +83,9 @@ def main() -> None:
         + "\n\n" + table(["", *[name for name, _ in runs]], rows))
     suffix = f"{args.method}{'-quick' if args.quick else ''}"
     command = (f"python benchmarks/demo_results.py --method {args.method}"
-               + (" --quick" if args.quick else "") + (" --ablation" if args.ablation else ""))
+               + (" --quick" if args.quick else "") + (" --ablation" if args.ablation else "")
+               + f" --budget {args.budget:g}"
+               + (f" --precision {args.precision}" if args.precision else ""))
     update_section(f"demo-{suffix}", f"Demo: {args.method}{' (quick)' if args.quick else ''}",
                    command, body)
     if not args.out:

@@ -124,7 +124,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from leanvl.tasks.pretrain import run_pretrain
 
     cfg = _run_config(args.config, args.overrides)
-    result = run_pretrain(cfg)
+    result = run_pretrain(cfg, progress=not args.quiet)
     print(json.dumps({k: v for k, v in result.items() if k in ("step", "epoch", "eval", "released")},
                      indent=1, default=str))
     return 0
@@ -135,7 +135,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from leanvl.tasks.finetune import run_finetune
 
     cfg = _run_config(args.config, args.overrides, [f"train.task={args.task}"])
-    result = run_finetune(cfg, args.task)
+    result = run_finetune(cfg, args.task, progress=not args.quiet)
     print(json.dumps({k: v for k, v in result.items() if k in ("step", "eval", "released")},
                      indent=1, default=str))
     return 0
@@ -211,7 +211,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from leanvl.demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.quiet, ablation=args.ablation,
-             synth_overrides=args.overrides, teacher=args.teacher, method=args.method)
+             synth_overrides=args.overrides, teacher=args.teacher, method=args.method,
+             budget_minutes=args.budget, precision=args.precision, started_at=args.budget_from)
     return 0
 
 
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"leanvl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from leanvl.demo import BUDGET_MINUTES
 
     p = sub.add_parser("info", help="versions, device and threads")
     p.set_defaults(func=cmd_info)
@@ -353,8 +355,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")
     p.add_argument("--ablation", action="store_true",
-                   help="stage 2 alone (no stage 1, no UTA) with the same stage-2 budget")
+                   help="stage 2 alone (no stage 1, no UTA), as many steps as the full "
+                   "pipeline's stage 2 took in this folder")
     p.add_argument("--teacher", help="CLIP visual weights to distil from (skips the demo teacher)")
+    p.add_argument("--budget", type=float, default=BUDGET_MINUTES, metavar="MINUTES",
+                   help="wall-clock budget for the whole demo: each stage's steps are sized to "
+                   f"fit it on this machine, never beyond the preset (default: "
+                   f"{BUDGET_MINUTES:g}; 0: the "
+                   "presets' lengths, no plan)")
+    p.add_argument("--budget-from", type=float, metavar="UNIX_TIME",
+                   help="count the budget from this time (seconds since the epoch) rather than "
+                   "from now: `make demo` passes its own start, so the install counts")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="training precision on the CPU (default: $LEANVL_DEMO_PRECISION, else "
+                   "auto: bf16 where the CPU has native bf16 units); fp32 runs as a CPU "
+                   "without them would")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="synthetic benchmark options (SynthConfig fields); train.*, data.*, "
@@ -364,12 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a model (e.g. leanvl pretrain umt_b16_stage1 "
                        "data.train=... model.kwargs.teacher=...)")
     p.add_argument("config", help="preset name (see leanvl/presets) or YAML file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (a log line per "
+                   "train.log_every steps instead)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune: retrieval, qa, mc (trains retrieval), classify")
     p.add_argument("task", choices=["retrieval", "qa", "mc", "classify"])
     p.add_argument("config", help="preset name or YAML file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (a log line per "
+                   "train.log_every steps instead)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_finetune)
 

@@ -135,6 +135,12 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def set_total(self, total: int) -> None:
+        """Change the number of steps the bar counts to (a run shortened to keep a deadline)."""
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def show(self, **postfix: Any) -> None:
         """Display the latest values (loss, throughput) beside the bar."""
         if self._bar is not None:

@@ -158,7 +158,7 @@ def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:
                              eps=float(train_cfg.eps))
 
 
-def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int,
+def cosine_lr(step: float, base_lr: float, min_lr: float, warmup_steps: int,
               total_steps: int) -> float:
     """The lr for optimizer step ``step`` (0-based).
 
@@ -173,16 +173,43 @@ def cosine_lr(step: int, base_lr: float, min_lr: float, warmup_steps: int,
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class CosineFactor:
+    """``cosine_lr / base_lr`` per step, as LambdaLR's multiplier. ``shorten(step, total)`` ends
+    the run at ``total`` steps instead: from ``step`` on, the rest of the schedule (warm-up
+    included, if any is left) is compressed onto the steps left, so the lr still reaches
+    ``min_lr`` at the new last step. Its state is plain attributes, which LambdaLR's state dict
+    saves and restores."""
+
+    def __init__(self, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+        self.base_lr, self.min_lr = base_lr, min_lr
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.from_step, self.from_position, self.stretch = 0, 0.0, 1.0  # no shortening yet
+
+    def position(self, step: int) -> float:
+        """Where on the original schedule step ``step`` lies."""
+        if step < self.from_step:
+            return float(step)
+        return self.from_position + (step - self.from_step) * self.stretch
+
+    def shorten(self, step: int, total: int) -> None:
+        """Map the schedule left after ``step`` onto ``total - step`` steps."""
+        at = self.position(step)
+        self.from_step, self.from_position = step, at
+        self.stretch = (self.total_steps - at) / max(1, total - step)
+
+    def __call__(self, step: int) -> float:
+        if self.base_lr <= 0:
+            return 0.0
+        return cosine_lr(self.position(step), self.base_lr, self.min_lr, self.warmup_steps,
+                         self.total_steps) / self.base_lr
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, min_lr: float,
                     warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Per-step cosine schedule as a LambdaLR (its state goes in the checkpoint).
+    """Per-step cosine schedule as a LambdaLR (its state goes in the checkpoint); its
+    ``CosineFactor`` (``lr_lambdas[0]``) can shorten the run.
 
     Every group follows the same curve scaled by its initial lr, so layer-decay ratios hold
     throughout (``min_lr`` is scaled alike).
     """
-    def factor(step: int) -> float:
-        if base_lr <= 0:
-            return 0.0
-        return cosine_lr(step, base_lr, min_lr, warmup_steps, total_steps) / base_lr
-
-    return LambdaLR(optimizer, factor)
+    return LambdaLR(optimizer, CosineFactor(base_lr, min_lr, warmup_steps, total_steps))

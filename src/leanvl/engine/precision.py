@@ -26,6 +26,20 @@ def native_bf16_flags() -> list[str]:
     return [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else ``platform.processor()``, else the
+    machine type)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` -> bf16 / fp16 / fp32 for ``device``; other names are validated."""
     if precision not in PRECISIONS:

@@ -19,6 +19,12 @@ other values such as caption lists are passed through). The engine owns everythi
   ``checkpoint.py`` for what is stored;
 - corrupt-sample accounting (``BadSampleTracker``) and a clear error on NaN/inf losses;
   either stops every rank together, because the check happens after the per-step all-reduce;
+- ``stop_at``: a wall-clock deadline (``time.time()``), for runs that must keep a time budget
+  (the demo). When the pace of the steps so far says the remaining ones would pass it, the run
+  is shortened to the steps that fit, and the rest of the lr schedule is compressed onto them
+  (``CosineFactor.shorten``), so it still ends at ``min_lr``; a later, faster pace lengthens
+  it again, up to the configured steps (``fit()['shortened']``). A step that ends past the
+  deadline ends training (``fit()['stopped_early']``); either way it saves and releases as usual;
 - ``evaluate(model) -> dict[str, float]``: called on every rank with the unwrapped model in
   eval mode under ``torch.no_grad()`` and autocast, every ``train.eval_every`` epochs and at
   the end; the RNG state is saved around it, so evaluating never changes the training run.
@@ -133,7 +139,7 @@ class Trainer:
     def __init__(self, cfg: Any, model: nn.Module, train_loader: Any,
                  evaluate: EvaluateFn | None = None, device: torch.device | str | None = None,
                  *, find_unused_parameters: bool | None = None, include_frozen: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, stop_at: float | None = None):
         self.cfg, self.train_cfg = cfg, cfg.train
         self.model = model
         self.evaluate = evaluate
@@ -147,6 +153,9 @@ class Trainer:
         self.loss_weights = {str(k): float(v) for k, v in (self.train_cfg.loss_weights or {}).items()}
         self.frozen_prefixes = frozen_prefixes_of(model)
         self.progress = progress and self.is_main
+        self.stop_at = stop_at
+        self.stopped_early = False
+        self._pace_from: tuple[int, float] | None = None  # (step, time) the pace counts from
 
         if self.train_cfg.activation_checkpointing:
             setter = getattr(model, "set_grad_checkpointing", None)
@@ -161,6 +170,7 @@ class Trainer:
         self.batches = ResumableBatches(train_loader, seed=int(cfg.seed))
         self.batches_per_epoch = self._batches_per_epoch(train_loader)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = self._plan()
+        self.planned_steps = self.total_steps  # what the config asks for; stop_at may shorten
 
         self.precision = resolve_precision(self.train_cfg.precision, self.device)
         self.scaler = make_grad_scaler(self.precision, self.device)
@@ -299,6 +309,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.world_size,
             "grad_accum": self.accum,
+            "total_steps": self.total_steps,
             "config": _config_dict(self.cfg),
         }
 
@@ -351,6 +362,8 @@ class Trainer:
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = int(checkpoint["step"])
+        if self.scheduler.lr_lambdas[0].from_step > 0:  # a run shortened to keep a deadline
+            self.total_steps = int(checkpoint.get("total_steps", self.total_steps))
         self.epoch = int(checkpoint["epoch"])
         self.batch_in_epoch = int(checkpoint["batch_in_epoch"])
         self._saved_step = self.step
@@ -510,7 +523,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end (resuming if configured); returns the final metrics and history.
 
-        Keys: ``step``, ``epoch``, ``train`` (the last logged record), ``eval`` (the last
+        Keys: ``step``, ``epoch``, ``steps_per_epoch``, ``stopped_early`` (``stop_at`` ended
+        the run before ``total_steps``), ``shortened`` (the pace shortened it to keep
+        ``stop_at``), ``train`` (the last logged record), ``eval`` (the last
         evaluation's metrics), ``history`` (every logged record), ``eval_history``,
         ``checkpoint`` (the last checkpoint written or loaded).
         """
@@ -560,11 +575,14 @@ class Trainer:
                         window, window_start = [], time.perf_counter()
                     if save_every > 0 and self.step % save_every == 0:
                         self.save()
+                    if self._past_deadline():
+                        break
+                    self._keep_pace(bar)
                 if self.batches_per_epoch is not None and \
                         self.batch_in_epoch + self.accum > self.steps_per_epoch * self.accum:
                     epoch_done = True
-                if not epoch_done:
-                    break  # reached total_steps inside the epoch
+                if not epoch_done or self.stopped_early:
+                    break  # reached total_steps (or the deadline) inside the epoch
                 if self.batch_in_epoch == 0 and self.batches_per_epoch is None:
                     raise RuntimeError("the training loader yielded no batches")
                 self.epoch += 1
@@ -586,9 +604,51 @@ class Trainer:
             bar.close()
             self._writer.close()
         return {"step": self.step, "epoch": self._epoch_position(),
+                "steps_per_epoch": self.steps_per_epoch, "stopped_early": self.stopped_early,
+                "shortened": self.total_steps < self.planned_steps,
                 "train": self.history[-1] if self.history else {},
                 "eval": final_eval, "history": self.history, "eval_history": self.eval_history,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _keep_pace(self, bar: ProgressBar) -> None:
+        """Fit the run's length to ``stop_at`` at the pace of its steps so far (the first two
+        steps of a run, loader start and kernel set-up, are left out of the pace)."""
+        if self.stop_at is None:
+            return
+        now = time.time()
+        if self._pace_from is None:
+            self._pace_from = (self.step + 2, 0.0)  # the step the pace counts from, and when
+        if self.step <= self._pace_from[0]:
+            self._pace_from = (self._pace_from[0], now)
+            return
+        counted = self.step - self._pace_from[0]
+        if counted < 5:
+            return
+        pace = (now - self._pace_from[1]) / counted
+        fit = self.step + max(0, math.floor((self.stop_at - now) / pace))
+        # rank 0's clock decides for every rank
+        target = int(dist_utils.broadcast_object(min(self.planned_steps, fit)))
+        if self.total_steps <= target <= self.total_steps + self.planned_steps // 50:
+            return  # lengthen only by more than 2% of the run, so the end does not wobble
+        self.scheduler.lr_lambdas[0].shorten(self.step, target)  # one factor for every group
+        log.info("at %.2f s per step, %d steps fit before stop_at: the run now ends at step %d "
+                 "of %d (the lr schedule compressed to match)", pace, fit, target,
+                 self.planned_steps)
+        self.total_steps = target
+        bar.set_total(target)
+
+    def _past_deadline(self) -> bool:
+        """Whether ``stop_at`` has passed (rank 0's clock decides for every rank)."""
+        if self.stop_at is None or self.step >= self.total_steps:
+            return False
+        passed = torch.tensor([1.0 if time.time() >= self.stop_at else 0.0], device=self.device)
+        if dist_utils.is_distributed():
+            passed = dist_utils.all_reduce_max(passed)
+        if passed.item() > 0:
+            self.stopped_early = True
+            log.warning("stopping at step %d of %d: the time budget (stop_at) has run out",
+                        self.step, self.total_steps)
+        return self.stopped_early
 
     def _last_eval(self) -> dict[str, float]:
         record = self.eval_history[-1]

@@ -125,8 +125,9 @@ def _evaluator(cfg: Any, task: str, labels: list | None, device, progress: bool 
                                              **loader_args)
 
 
-def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` for ``task`` on ``data.train``; evaluate on ``data.test``."""
+def run_finetune(cfg: Any, task: str, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` for ``task`` on ``data.train``; evaluate on ``data.test``
+    (``progress``: progress bars on rank 0; without them, a log line per ``log_every``)."""
     from leanvl.engine import distributed
     from leanvl.engine.checkpoint import input_settings, save_pretrained
     from leanvl.engine.logging import setup_logging
@@ -136,7 +137,8 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     info = distributed.init_distributed(cfg.train.distributed_backend)
     if task in ("retrieval", "mc"):
-        return run_pretrain(cfg, evaluate=_evaluator(cfg, task, None, info.device))
+        return run_pretrain(cfg, evaluate=_evaluator(cfg, task, None, info.device, progress),
+                            progress=progress)
     setup_logging(info.rank, cfg.out)
     configure_threads(cfg.data.num_workers, cfg.data.cpu_threads)
     labels = task_labels(cfg, task)
@@ -146,8 +148,9 @@ def run_finetune(cfg: Any, task: str) -> dict[str, Any]:
     kind = "qa" if task == "qa" else "classification"
     extra = {"answers": labels} if task == "qa" else {"classes": labels}
     loader = build_train_loader(cfg, text, kind=kind, **extra)
-    trainer = Trainer(cfg, model, loader, evaluate=_evaluator(cfg, task, labels, info.device),
-                      device=info.device)
+    trainer = Trainer(cfg, model, loader,
+                      evaluate=_evaluator(cfg, task, labels, info.device, progress),
+                      device=info.device, progress=progress)
     result = trainer.fit()
     if distributed.is_main():
         kwargs, exclude = base.release_config() if hasattr(base, "release_config") else (

@@ -44,9 +44,11 @@ def retrieval_callback(cfg: Any, text: TextEncoder, device: torch.device):
     return evaluate
 
 
-def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, Any]:
+def run_pretrain(cfg: Any, evaluate=None, progress: bool = True,
+                 stop_at: float | None = None) -> dict[str, Any]:
     """Pre-train ``cfg.model`` on ``cfg.data.train``; release weights to ``cfg.out/model``
-    (``progress``: the progress bar on rank 0; without it, a log line per ``log_every``)."""
+    (``progress``: the progress bar on rank 0; without it, a log line per ``log_every``;
+    ``stop_at``: a ``time.time()`` deadline that ends training early, see ``Trainer``)."""
     from leanvl.engine import distributed
     from leanvl.engine.logging import setup_logging
     from leanvl.engine.trainer import Trainer
@@ -60,7 +62,7 @@ def run_pretrain(cfg: Any, evaluate=None, progress: bool = True) -> dict[str, An
     if evaluate is None:
         evaluate = retrieval_callback(cfg, text, info.device)
     trainer = Trainer(cfg, model, loader, evaluate=evaluate, device=info.device,
-                      progress=progress)
+                      progress=progress, stop_at=stop_at)
     result = trainer.fit()
     if distributed.is_main():
         result["released"] = str(release(model, Path(cfg.out) / "model", cfg.data))
