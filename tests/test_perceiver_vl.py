@@ -332,3 +332,56 @@ def test_vtc_aligns_clean_captions_when_mlm_masks_them():
     without = small(stream="multi", losses=["vtc"], layer_drop=0.0)
     assert torch.allclose(with_mlm.pretrain_losses(data)["vtc"],
                           without.pretrain_losses(data)["vtc"], atol=1e-6)
+
+
+def test_token_table_starts_from_a_bert_folder(tmp_path):
+    from transformers import BertModel
+
+    from leanvl.nn.text import bert_config
+
+    torch.manual_seed(4)
+    bert = BertModel(bert_config(vocab_size=300, hidden_size=96, num_layers=1, num_heads=2,
+                                 intermediate_size=64, max_positions=16))
+    bert.save_pretrained(tmp_path / "bert")
+    stored = bert.embeddings.word_embeddings.weight.detach()
+    # PCA to the model's width, computed independently through the SVD of the centred table
+    centred = stored - stored.mean(dim=0)
+    left, singular, _ = torch.linalg.svd(centred, full_matrices=False)
+    expected = left[:, :64] * singular[:64]
+    expected = expected * (0.02 / expected.std())
+    kept = [0, 100, 101, 102, 103] + list(range(150, 250))
+    for vocab in (None, kept):
+        model = small(text_embed_init=str(tmp_path / "bert"), text_vocab_ids=vocab)
+        table = model.embed.token_embed.weight.detach()
+        rows = expected if vocab is None else expected[vocab] * (expected.std()
+                                                                 / expected[vocab].std())
+        # each principal direction is defined up to its sign
+        signs = torch.sign((table * rows).sum(dim=0))
+        torch.testing.assert_close(table * signs, rows, atol=1e-5, rtol=1e-4)
+        assert model.mlm_head.weight is model.embed.token_embed.weight
+        assert "text_embed_init" not in model.release_config()[0]
+    with pytest.raises(ValueError, match="cannot start"):
+        small(dim=128, num_heads=2, text_embed_init=str(tmp_path / "bert"))
+
+
+def test_hard_vtm_negatives_follow_vtc_similarity():
+    model = small(losses=["vtc", "vtm", "mlm"], vtm_negatives="hard")
+    size = 6
+    video = torch.nn.functional.normalize(torch.randn(size, 32), dim=-1)
+    # text i is a copy of video (i + 1) % size: at temperature 0.07 the draw is all but certain
+    text = video.roll(-1, dims=0)
+    swap = torch.tensor([True, False, True, True, False, True])
+    source = model._hard_sources(swap, torch.arange(size), video, text, torch.arange(size))
+    expected = torch.where(swap, (torch.arange(size) + 1) % size, torch.arange(size))
+    assert source.tolist() == expected.tolist()
+    # a video sharing the caption's clip id is a positive and never drawn
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    text = video.clone()
+    text[0] = video[1]
+    source = model._hard_sources(torch.ones(size, dtype=torch.bool), torch.arange(size), video,
+                                 text, ids)
+    assert source[0] not in (0, 1)
+    losses = model.pretrain_losses(batch(size=4))
+    assert set(losses) == {"vtc", "vtm", "mlm"} and all(v.isfinite() for v in losses.values())
+    with pytest.raises(ValueError, match="vtc and vtm"):
+        small(losses=["vtm", "mlm"], vtm_negatives="hard")

@@ -269,7 +269,8 @@ class PerceiverVL(VideoLanguageModel):
                  freeze_pretrained: bool = False, act: str = "gelu", norm_eps: float = 1e-6,
                  drop_path: float = 0.0, latent_init_std: float | None = None, seed: int = 0,
                  special_ids: dict[str, int] | None = None, pair_chunk: int = 65536,
-                 text_vocab_ids: Sequence[int] | None = None, variant: str = "leanvl") -> None:
+                 text_vocab_ids: Sequence[int] | None = None, variant: str = "leanvl",
+                 text_embed_init: str = "", vtm_negatives: str = "random") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -289,7 +290,13 @@ class PerceiverVL(VideoLanguageModel):
         if latent_resize not in ("new", "interpolate"):
             raise ValueError(f"latent_resize must be 'new' or 'interpolate', got "
                              f"{latent_resize!r}")
+        if vtm_negatives not in ("random", "hard"):
+            raise ValueError(f"vtm_negatives must be 'random' or 'hard', got {vtm_negatives!r}")
         self.losses = tuple(losses) if losses else DEFAULT_LOSSES[stream]
+        if vtm_negatives == "hard" and not {"vtc", "vtm"} <= set(self.losses):
+            raise ValueError("vtm_negatives='hard' draws the VTM negatives by VTC similarity: "
+                             "train with losses including vtc and vtm")
+        self.vtm_negatives = vtm_negatives
         bad = set(self.losses) - set(LOSSES)
         if bad:
             raise ValueError(f"unknown losses {sorted(bad)}; choose from {LOSSES}")
@@ -349,6 +356,8 @@ class PerceiverVL(VideoLanguageModel):
         nn.init.zeros_(self.mlm_head.bias)
         if official:
             nn.init.normal_(self.latents.latents, std=latent_init_std)
+        if text_embed_init:
+            self.init_token_table(text_embed_init)
         self.fused_dim = self.video_dim = dim
         self.frozen_prefixes: tuple[str, ...] = ()
         if init:
@@ -574,28 +583,33 @@ class PerceiverVL(VideoLanguageModel):
         text_inputs = self.embed.text(text_ids, text_mask)
         losses: dict[str, torch.Tensor] = {}
         video_latents = text_latents = None
+        if self.stream != "single":
+            video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
+            text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
+        if "vtc" in self.losses:
+            vtc_video = video_latents if video_latents is not None else self.encode_inputs(
+                {"video": (video_inputs, video_mask)})  # single: the pre-filter's encodings
+            vtc_text = text_latents
+            if vtc_text is None or "mlm" in self.losses:
+                # VTC aligns the clean captions that retrieval will encode, not the masked ones
+                vtc_text = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
+                                                        text_mask)})
+            video_embedding = self.pooled_embedding(vtc_video, self.video_proj)
+            text_embedding = self.pooled_embedding(vtc_text, self.text_proj)
+            losses["vtc"] = vtc_loss(video_embedding, text_embedding, self.temperature,
+                                     ids=batch.get("index"))
+            if self.vtm_negatives == "hard" and swap.any():
+                source = self._hard_sources(swap, source, video_embedding, text_embedding,
+                                            batch.get("index"))
         if self.stream == "single":
             context = self.encode_inputs({
                 "video": (video_inputs[source], None if video_mask is None else
                           video_mask[source]),
                 "text": (text_inputs, text_mask)})
-        else:
-            video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
-            text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
-            if self.stream == "mixed":
-                context = self.mixed_context(video_latents[source], text_latents)
-            else:  # multi: MLM reads the text's own latents
-                context = text_latents + self.stream_embed.weight[TEXT]
-        if "vtc" in self.losses:
-            if video_latents is None:  # single: the separate encodings behind its pre-filter
-                video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
-            if text_latents is None or "mlm" in self.losses:
-                # VTC aligns the clean captions that retrieval will encode, not the masked ones
-                text_latents = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
-                                                            text_mask)})
-            losses["vtc"] = vtc_loss(self.pooled_embedding(video_latents, self.video_proj),
-                                     self.pooled_embedding(text_latents, self.text_proj),
-                                     self.temperature, ids=batch.get("index"))
+        elif self.stream == "mixed":
+            context = self.mixed_context(video_latents[source], text_latents)
+        else:  # multi: MLM reads the text's own latents
+            context = text_latents + self.stream_embed.weight[TEXT]
         want_vtm, want_mlm = "vtm" in self.losses, "mlm" in self.losses
         if not (want_vtm or want_mlm):
             return losses
@@ -613,6 +627,20 @@ class PerceiverVL(VideoLanguageModel):
             keep = predicted & ~swap[:, None]
             losses["mlm"] = mlm_loss(self.mlm_head(out[keep]), labels[keep])
         return losses
+
+    def _hard_sources(self, swap: torch.Tensor, source: torch.Tensor,
+                      video_embedding: torch.Tensor, text_embedding: torch.Tensor,
+                      ids: torch.Tensor | None) -> torch.Tensor:
+        """The swapped samples' videos drawn from softmax(VTC similarity / temperature) of their
+        caption over the batch's other videos (UMT's mining) instead of uniformly; a batch in
+        which some sample has no other video keeps the uniform draw."""
+        from leanvl.losses import sample_hard_negatives
+
+        if ids is not None and (ids.view(-1, 1) == ids.view(1, -1)).all(dim=1).any():
+            return source
+        similarity = (video_embedding @ text_embedding.t()).detach() / self.temperature.detach()
+        _, negative_video = sample_hard_negatives(similarity, ids)
+        return torch.where(swap, negative_video, source)
 
     # ---- weights --------------------------------------------------------------------------
     def load_vit(self, path: str | Path) -> tuple[str, ...]:
@@ -666,6 +694,22 @@ class PerceiverVL(VideoLanguageModel):
         return ("embed.patch_embed.", "embed.video_pos", "encoder.self_layers.",
                 "encoder.norm.")
 
+    def init_token_table(self, source: str) -> None:
+        """Start the token table (and the MLM head tied to it) from the word embeddings of a
+        local BERT folder or ``minilm``: the kept vocabulary's rows, PCA-reduced to the model
+        width, at the scratch table's scale (std 0.02) so that positions keep their weight."""
+        from leanvl.models.base import text_model_path
+        from leanvl.nn.text import pretrained_word_embeddings
+
+        table = pretrained_word_embeddings(text_model_path(source), self.dim, self.text_vocab_ids)
+        weight = self.embed.token_embed.weight
+        if table.shape != weight.shape:
+            raise ValueError(f"text_embed_init={source!r} gives a {tuple(table.shape)} table; the "
+                             f"model's token table is {tuple(weight.shape)} (vocab_size)")
+        with torch.no_grad():
+            weight.copy_(table * (0.02 / table.std()))
+        log.info("Perceiver-VL token table initialised from %s (%d rows)", source, len(table))
+
     def _vit_positions(self, table: torch.Tensor) -> torch.Tensor:
         """timm's pos_embed (1 x [1 +] G^2 x D) -> this grid, without the [CLS] row."""
         table = table.reshape(-1, table.shape[-1])
@@ -681,11 +725,12 @@ class PerceiverVL(VideoLanguageModel):
         return table.reshape(1, grid * grid, -1).to(self.embed.video_pos.dtype)
 
     def release_config(self) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """Released weights hold everything (loaded ViT parts included), so the initialisation
-        options are dropped from the kwargs."""
+        """Released weights hold everything (loaded ViT parts and token table included), so the
+        initialisation options are dropped from the kwargs."""
         kwargs = dict(getattr(self, "registry_kwargs", {}))
         kwargs.pop("init", None)
         kwargs.pop("freeze_pretrained", None)
+        kwargs.pop("text_embed_init", None)
         return kwargs, ()
 
     def no_weight_decay(self) -> set[str]:

@@ -423,3 +423,31 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if bin_file.is_file():
         return torch.load(bin_file, map_location="cpu", weights_only=True)
     return {}
+
+
+
+def pretrained_word_embeddings(folder: str | os.PathLike, width: int | None = None,
+                               token_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The word-embedding table of a local BERT folder (rows ``token_ids`` when given), reduced
+    to ``width`` columns by PCA when the checkpoint is wider: the table's ``width`` main
+    directions keep most of its geometry, for a smaller model whose token table starts from it."""
+    folder = Path(folder)
+    state = _read_weights(folder)
+    key = next((k for k in state if k.endswith("embeddings.word_embeddings.weight")), None)
+    if key is None:
+        raise FileNotFoundError(f"{folder}: no BERT weights with embeddings.word_embeddings "
+                                "(model.safetensors or pytorch_model.bin)")
+    table = state[key].float()
+    if width is not None and width > table.shape[1]:
+        raise ValueError(f"{folder}'s word embeddings are {table.shape[1]} wide; a {width}-wide "
+                         "table cannot start from them")
+    if width is not None and width < table.shape[1]:
+        table = table - table.mean(dim=0)
+        _, directions = torch.linalg.eigh(table.t() @ table)  # ascending eigenvalues
+        table = table @ directions[:, -width:].flip(1)
+    if token_ids is None:
+        return table
+    index = torch.as_tensor(list(token_ids), dtype=torch.long)
+    if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= table.shape[0]:
+        raise ValueError(f"token ids must lie in [0, {table.shape[0]}) for {folder}")
+    return table[index]
