@@ -167,8 +167,8 @@ def test_every_preset_loads_and_builds_its_model_on_the_meta_device(preset):
     kwargs = dict(cfg.model.kwargs)
     if kwargs.get("freeze_pretrained") and not kwargs.get("init"):
         kwargs["freeze_pretrained"] = False  # init: the user's ViT weights file
-    # transformers reads a pretrained text model (MiniLM, the demo's) into real memory
-    device = "cpu" if kwargs.get("text_pretrained") else "meta"
+    # transformers reads a pretrained text model or table (MiniLM, the demos') into real memory
+    device = "cpu" if kwargs.get("text_pretrained") or kwargs.get("text_embed_init") else "meta"
     with torch.device(device):
         model = create_model(cfg.model.name, **kwargs)
     tensors = list(model.parameters())
