@@ -288,6 +288,42 @@ class BertTextEncoder(nn.Module):
         return self.num_layers + 1
 
 
+#: named BERT sizes with their text / fusion split (tiny for CPU tests; base and large as UMT's
+#: and SMAUG's BERT-base 9 + 3 and UMT-L's BERT-large 19 + 5)
+TEXT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "text_layers": 2, "fusion_layers": 2, "num_heads": 2,
+             "intermediate_size": 512, "max_positions": 64},
+    "base": {"hidden_size": 768, "text_layers": 9, "fusion_layers": 3, "num_heads": 12,
+             "intermediate_size": 3072},
+    "large": {"hidden_size": 1024, "text_layers": 19, "fusion_layers": 5, "num_heads": 16,
+              "intermediate_size": 4096},
+}
+
+
+def build_fusion_text_encoder(text: dict | None, pretrained_path: str, video_dim: int,
+                              vocab_ids: Sequence[int] | None = None) -> BertTextEncoder:
+    """A BERT text + fusion encoder with an MLM head, from sizes (``text``) or a local pretrained
+    folder (then ``text`` may only set text_layers, fusion_layers and the dropout rates), its
+    vocabulary truncated to ``vocab_ids`` when given."""
+    text = dict(text or {})
+    if pretrained_path:
+        fusion = text.pop("fusion_layers", 3)
+        encoder = BertTextEncoder.from_pretrained(
+            pretrained_path, fusion_layers=fusion, text_layers=text.pop("text_layers", None),
+            video_dim=video_dim, mlm_head=True, dropout=text.pop("dropout", None),
+            attention_dropout=text.pop("attention_dropout", None))
+        if text:
+            raise ValueError(f"text={sorted(text)}: a pretrained text model ({pretrained_path}) "
+                             "brings its own sizes; only text_layers, fusion_layers, dropout and "
+                             "attention_dropout can be set")
+        if vocab_ids:
+            encoder.keep_tokens(vocab_ids)
+        return encoder
+    if vocab_ids:
+        text["vocab_size"] = len(vocab_ids)
+    return BertTextEncoder(**text, video_dim=video_dim, mlm_head=True)
+
+
 class BertMLMHead(nn.Module):
     """BERT's prediction head: dense -> activation -> LayerNorm -> tied word-embedding decoder.
 
