@@ -174,9 +174,17 @@ class BertTextEncoder(nn.Module):
         rates = {name: float(value) for name, value in
                  (("hidden_dropout_prob", dropout), ("attention_probs_dropout_prob",
                                                      attention_dropout)) if value is not None}
-        base = BertModel.from_pretrained(str(folder), local_files_only=True,
-                                         add_pooling_layer=False,
-                                         attn_implementation=attn_implementation, **rates)
+        if torch.get_default_device().type == "meta":
+            # sizing a model without weights (profiling, preset checks): the folder's config only
+            from transformers import BertConfig
+
+            config = BertConfig.from_pretrained(str(folder), local_files_only=True, **rates)
+            config._attn_implementation = attn_implementation
+            base = BertModel(config, add_pooling_layer=False)
+        else:
+            base = BertModel.from_pretrained(str(folder), local_files_only=True,
+                                             add_pooling_layer=False,
+                                             attn_implementation=attn_implementation, **rates)
         total = base.config.num_hidden_layers
         text_layers = total - fusion_layers if text_layers is None else text_layers
         wanted = text_layers + fusion_layers
@@ -188,7 +196,7 @@ class BertTextEncoder(nn.Module):
             base.config.num_hidden_layers = wanted
         encoder = cls(text_layers=text_layers, fusion_layers=fusion_layers, video_dim=video_dim,
                       mlm_head=mlm_head, config=base.config, _base=base)
-        if mlm_head:
+        if mlm_head and torch.get_default_device().type != "meta":
             encoder._load_mlm_head(folder)
         return encoder.eval()
 
