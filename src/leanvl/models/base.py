@@ -12,7 +12,10 @@ A model is an ``nn.Module`` registered under a name (``models/registry.py``) and
   dot product of the normalised ``embedding``s divided by the model's temperature).
 
 Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_answers``,
-``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``.
+``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``,
+``parameter_components() -> {component: parameter-name prefixes}`` (how ``leanvl profile``
+groups parameters, e.g. SMAUG's text and fusion layers, which live in one BERT; the first
+component whose prefix matches takes a parameter).
 """
 
 from __future__ import annotations

@@ -120,6 +120,25 @@ class FrameViT(CLIPVisionTeacher):
                 x, _ = block(x)
         return self.ln_post(x), positions, patches
 
+    #: runs frame by frame: a mask must hide the same number of patches in every frame (tube)
+    frame_by_frame = True
+
+    def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Token grid (t, h, w) of a clip (patches of each frame; [CLS] not counted)."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"frames {height}x{width} are not divisible into {p}-pixel patches")
+        return num_frames, height // p, width // p
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B x T x 3 x H x W (+ mask B x T*P, the same count per frame) -> B x T*N x D tokens."""
+        if video.dim() == 4:
+            video = video.unsqueeze(1)
+        B, T = video.shape[:2]
+        frame_mask = None if mask is None else mask.reshape(B * T, -1)
+        tokens, _, _ = self.encode_frames(video.flatten(0, 1), frame_mask)
+        return tokens.reshape(B, -1, tokens.shape[-1])
+
     def embedding_dim(self) -> int:
         """Width of the [CLS] feature after CLIP's projection (the width without one)."""
         return self.out_dim
@@ -157,8 +176,9 @@ class TemporalEncoder(nn.Module):
 
 @dataclass
 class SMAUGVideoFeatures(VideoFeatures):
-    """Plus each frame's [CLS] (B x T x D), which the frame selector reads; ``tokens`` are the
-    T frames' tokens concatenated in time order (each frame the same count)."""
+    """Plus each frame's pooled feature (B x T x D: its [CLS], or its mean token with
+    ``video_pool="mean"``), which the frame selector reads; ``tokens`` are the T frames' tokens
+    concatenated in time order (each frame the same count)."""
 
     frame_cls: torch.Tensor | None = None
 
@@ -181,6 +201,7 @@ class SMAUG(VideoLanguageModel):
                  decoder: dict[str, Any] | None = None, norm_pixel_target: bool = False,
                  selected_frames: int = 0, selector: dict[str, Any] | None = None,
                  embed_dim: int = 256, temperature: float = 0.07, mlm_ratio: float = 0.15,
+                 video_pool: str = "cls",
                  input_mean: Sequence[float] = CLIP_MEAN, input_std: Sequence[float] = CLIP_STD,
                  special_ids: dict[str, int] | None = None,
                  text_vocab_ids: Sequence[int] | None = None):
@@ -190,6 +211,9 @@ class SMAUG(VideoLanguageModel):
         if selected_frames < 0:
             raise ValueError(f"selected_frames must be >= 0 (0: no selection), got "
                              f"{selected_frames}")
+        if video_pool not in ("cls", "mean"):
+            raise ValueError(f"video_pool must be 'cls' or 'mean', got {video_pool!r}")
+        self.video_pool = video_pool
         self.mask_ratio, self.mlm_ratio = float(mask_ratio), float(mlm_ratio)
         self.norm_pixel_target = bool(norm_pixel_target)
         self.selected_frames = int(selected_frames)
@@ -258,7 +282,8 @@ class SMAUG(VideoLanguageModel):
         return _Encoded(frames, tokens, positions, patches)
 
     def _video_features(self, frames: torch.Tensor) -> SMAUGVideoFeatures:
-        frame_cls = frames[:, :, 0]
+        # each frame's [CLS] (the paper), or the mean of its tokens
+        frame_cls = frames[:, :, 0] if self.video_pool == "cls" else frames.mean(dim=2)
         pooled = frame_cls.mean(dim=1)
         if self.video_encoder.proj is not None:
             pooled = pooled @ self.video_encoder.proj.to(pooled.dtype)
@@ -346,6 +371,20 @@ class SMAUG(VideoLanguageModel):
         return losses
 
     # ---- engine hooks ---------------------------------------------------------------------
+    def parameter_components(self) -> dict[str, tuple[str, ...]]:
+        """Parameter-name prefixes of the paper's components, for ``leanvl profile``."""
+        text = self.text_encoder
+        fusion = tuple(f"text_encoder.encoder.layer.{i}." for i in
+                       range(text.text_layers, text.num_layers))
+        return {"frame ViT (Q_v)": ("video_encoder.",),
+                "temporal encoder (Q_t)": ("temporal_encoder.",),
+                "MAE decoder (D_v)": ("mae_decoder.",),
+                "frame selector (S)": ("frame_selector.",),
+                "fusion (Q_m, cross-attention layers)": fusion,
+                "text (Q_l, embeddings + text layers)": ("text_encoder.",),
+                "heads (VTC projections, VTM, MLM, temperature)":
+                    ("vision_proj.", "text_proj.", "itm_head.", "log_temperature")}
+
     #: one-frame batches leave Q_t unused, and the selector is unused at K <= kappa
     ddp_find_unused_parameters = True
 
@@ -387,6 +426,8 @@ DECODER_SIZES = {"tiny": {"dim": 128, "depth": 3, "num_heads": 4},
 
 def _smaug(size: str, vision: dict | None, text: dict | None, decoder: dict | None,
            selector: dict | None, **kwargs: Any) -> SMAUG:
+    # the full configuration of Table 7: with more than 2 frames S picks 2 for the cross-encoder
+    kwargs.setdefault("selected_frames", 2)
     clip = "tiny" if size == "tiny" else "b16"
     vision = {**CLIP_SIZES[clip], **(vision or {})}
     text_size = "tiny" if size == "tiny" else "base"
