@@ -183,3 +183,34 @@ def test_clip_weights_load_into_frame_vit(tmp_path):
     assert torch.equal(model.video_encoder.transformer.resblocks[2].attn.in_proj_weight,
                        vit.blocks[2].attn.qkv.weight)
     assert torch.equal(model.video_encoder.proj, vit.head.weight.t())
+
+
+def test_downstream_tasks_run_on_smaug(clip_folder):
+    from leanvl.config import EvalConfig
+    from leanvl.data.datasets import VideoTextDataset
+    from leanvl.data.text import TextEncoder
+    from leanvl.profile import count_parameters
+    from leanvl.tasks.classify import VideoClassifier
+    from leanvl.tasks.qa import VideoQAClassifier
+    from leanvl.tasks.retrieval import evaluate_retrieval
+
+    torch.manual_seed(0)
+    model = create_model("smaug_tiny", selected_frames=1, **TINY)
+    root, anno = clip_folder
+    dataset = VideoTextDataset(anno, root, num_frames=2, size=32, train=False, sampling="middle")
+    result = evaluate_retrieval(model.eval(), dataset, TextEncoder(max_len=8),
+                                EvalConfig(rerank_k=3), batch_size=4, num_workers=0,
+                                progress_bar=False)
+    assert result["num_videos"] == 6 and "rerank/t2v/R@1" in result
+    batch = _batch(frames=2)
+    qa = VideoQAClassifier(model, num_answers=3).train()
+    loss = qa.losses({**batch, "answer_index": torch.tensor([0, 1, 2, 0])})["qa"]
+    loss.backward()
+    assert model.frame_selector.video_in.weight.grad is not None  # S trains in fine-tuning
+    classifier = VideoClassifier(model, num_classes=3)
+    assert classifier.losses({"video": batch["video"], "label": torch.tensor([0, 1, 2, 0])})[
+        "classify"].requires_grad
+    counts = count_parameters(model)
+    assert counts["frame selector (S)"] > 0 and counts["MAE decoder (D_v)"] > 0
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+    assert counts["fusion (Q_m, cross-attention layers)"] > 0
