@@ -103,7 +103,11 @@ class FrameViT(CLIPVisionTeacher):
         if mask is not None:
             if mask.shape != (x.shape[0], patches):
                 raise ValueError(f"mask must be {x.shape[0]} x {patches}, got {tuple(mask.shape)}")
-            visible = patches - int(mask[0].sum())
+            counts = mask.sum(dim=1)
+            if bool((counts != counts[0]).any()):
+                raise ValueError("every frame must mask the same number of patches (random per "
+                                 f"frame, or tube masks); got {counts.tolist()}")
+            visible = patches - int(counts[0])
             # stable sort puts the visible patches first, in grid order
             index = mask.to(torch.uint8).argsort(dim=1, stable=True)[:, :visible]
             x = torch.cat([x[:, :1], x[:, 1:].gather(1, index[..., None].expand(-1, -1,
