@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a method on the synthetic benchmark, on the CPU: "
                        "pre-training, zero-shot evaluation, report (UMT: teacher, stage 1, "
                        "stage 2)")
-    p.add_argument("--method", choices=["umt", "perceiver_vl"], default="umt",
+    p.add_argument("--method", choices=["umt", "perceiver_vl", "smaug"], default="umt",
                    help="which method's pipeline to run (default: umt)")
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")

@@ -133,3 +133,26 @@ def uta_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
         cosine = (F.normalize(s.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(dim=-1)
         losses.append((2 - 2 * cosine).mean())
     return torch.stack(losses).mean()
+
+
+def pixel_reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor,
+                              scored: torch.Tensor, normalize_target: bool = False) -> torch.Tensor:
+    """MAE's MVM: mean squared pixel error per patch, averaged over the ``scored`` patches only.
+
+    ``predicted`` / ``target`` B x P x (p*p*C) (``nn.mae.patchify``), ``scored`` B x P bool
+    (True = counts, e.g. the masked patches). ``normalize_target`` standardises each target
+    patch by its own mean and variance (MAE's ``norm_pix_loss``).
+    """
+    if predicted.shape != target.shape or scored.shape != target.shape[:2]:
+        raise ValueError(f"shapes differ: predicted {tuple(predicted.shape)}, target "
+                         f"{tuple(target.shape)}, scored {tuple(scored.shape)}")
+    target = target.float()
+    if normalize_target:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((predicted.float() - target) ** 2).mean(dim=-1)
+    weights = scored.float()
+    if not bool(scored.any()):
+        return (per_patch * weights).sum()  # zero, graph kept
+    return (per_patch * weights).sum() / weights.sum()

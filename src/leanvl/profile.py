@@ -40,6 +40,10 @@ def count_parameters(model: nn.Module, depth: int = 1,
     """
     counts: dict[str, int] = {}
     total = 0
+    components = model.parameter_components() if depth == 1 and hasattr(
+        model, "parameter_components") else None
+    if components:
+        return _count_by_components(model, components, trainable_only)
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
@@ -47,6 +51,23 @@ def count_parameters(model: nn.Module, depth: int = 1,
         owner = name.rsplit(".", 1)[0] if "." in name else name
         component = ".".join(owner.split(".")[:depth])
         counts[component] = counts.get(component, 0) + param.numel()
+        total += param.numel()
+    counts["total"] = total
+    return counts
+
+
+def _count_by_components(model: nn.Module, components: Mapping[str, tuple[str, ...]],
+                         trainable_only: bool) -> dict[str, int]:
+    """Parameters per named component of ``model.parameter_components()`` (name -> prefixes;
+    the first component whose prefix matches takes a parameter, the rest go to ``other``)."""
+    counts = dict.fromkeys(components, 0)
+    total = 0
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        owner = next((c for c, prefixes in components.items() if name.startswith(prefixes)),
+                     "other")
+        counts[owner] = counts.get(owner, 0) + param.numel()
         total += param.numel()
     counts["total"] = total
     return counts
@@ -300,7 +321,7 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
     """
     from omegaconf import OmegaConf
 
-    from leanvl.masking import random_mask
+    from leanvl.masking import random_mask, tube_mask
     from leanvl.models.registry import create_model
 
     kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])), resolve=True)
@@ -315,8 +336,12 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
         if encoder is None:
             raise ValueError(f"--mask-ratio needs a model with a maskable video_encoder; {name} "
                              "has none")
-        tokens = encoder.patch_embed.grid(frames, size, size)
-        mask = random_mask(batch, tokens[0] * tokens[1] * tokens[2], mask_ratio, device=device)
+        tokens = getattr(encoder, "patch_embed", encoder).grid(frames, size, size)
+        if getattr(encoder, "frame_by_frame", False):  # the same patches in every frame
+            mask = tube_mask(batch, tokens[0], tokens[1] * tokens[2], mask_ratio, device=device)
+        else:
+            mask = random_mask(batch, tokens[0] * tokens[1] * tokens[2], mask_ratio,
+                               device=device)
 
         def encode_video():
             return encoder(video, mask)

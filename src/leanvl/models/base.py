@@ -25,6 +25,10 @@ it is not ``match`` (UMT's 2-way head: the raw match logit, while ``match`` stay
 against a text by the mean over its frames of per-frame cosines (UMT's ``keep_temporal``)
 stores the mean of the per-frame unit vectors, not re-normalised, so that the dual-encoder
 score stays one dot product with the text embedding (what a vector index needs).
+
+``parameter_components() -> {component: parameter-name prefixes}`` (how ``leanvl profile``
+groups parameters, e.g. SMAUG's text and fusion layers, which live in one BERT; the first
+component whose prefix matches takes a parameter).
 """
 
 from __future__ import annotations
