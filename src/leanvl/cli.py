@@ -283,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--part", choices=["video", "text", "full"], default="video",
+    p.add_argument("--part", choices=["auto", "video", "text", "full", "pair"], default="auto",
                    help="what the GFLOPs/latency cover: the video encoder (the papers' tables), "
-                   "the text encoder, or video + text + one matching pass")
+                   "the text encoder, video + text + one matching pass, or one (clip, caption) "
+                   "pair through the cross-encoder with GFLOPs by component (auto: the model's "
+                   "default, pair for E-ViLM, else video)")
     p.add_argument("--mask-ratio", type=float, default=0.0,
                    help="drop this fraction of video tokens (random) before the encoder")
     p.add_argument("--no-latency", action="store_true", help="count only (no timing)")

@@ -12,7 +12,14 @@ A model is an ``nn.Module`` registered under a name (``models/registry.py``) and
   dot product of the normalised ``embedding``s divided by the model's temperature).
 
 Optional, used when present: ``qa_logits(video_feats, text_feats) -> B x num_answers``,
-``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``.
+``classify_logits(video) -> B x num_classes``, ``mlm_logits(...)``, ``answer_scores(...)``,
+``fused_cls(video_feats, text_feats) -> B x fused_dim`` (QA classification),
+``forward_joint(video, text_ids, text_mask)`` (one pass over pairs: ``leanvl profile --part
+pair``), ``step_metrics() -> dict[str, float]`` (values measured in the last
+``pretrain_losses`` call that the trainer logs beside the losses but never trains on, e.g. a
+codebook's utilisation), ``parameter_table() -> dict[str, int]`` (parameters by the rows a
+paper reports; ``leanvl profile`` prints them instead of the top-level modules) and a class
+attribute ``profile_part`` (what ``leanvl profile`` costs by default).
 """
 
 from __future__ import annotations
