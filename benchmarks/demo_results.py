@@ -1,6 +1,6 @@
 """Run ``leanvl demo`` from scratch and record its results and timings in docs/benchmarks.md.
 
-    python benchmarks/demo_results.py [--method umt|perceiver_vl] [--quick] [--ablation] [--out DIR]
+    python benchmarks/demo_results.py [--method umt|perceiver_vl|evilm] [--quick] [--ablation] [--out DIR]
 
 Each run starts from an empty folder (the synthetic benchmark is generated again), so the time
 is what ``make demo`` takes on this machine. ``--ablation`` (UMT) also runs stage 2 alone, with
@@ -41,7 +41,7 @@ def _value(results: dict, task: str, key) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="umt", choices=["umt", "perceiver_vl"])
+    parser.add_argument("--method", default="umt", choices=["umt", "perceiver_vl", "evilm"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="UMT: also stage 2 alone")
     parser.add_argument("--out", default="", help="keep the demo folder here")

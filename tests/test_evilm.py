@@ -310,3 +310,28 @@ def test_downstream_wrappers_run_on_evilm():
     assert qa.head.classifier.weight.grad is not None
     classifier = VideoClassifier(model, num_classes=5)
     assert classifier(batch["video"]).shape == (4, 5)
+
+
+def test_tokenize_command_writes_codes_picture_and_usage(tmp_path, clip_folder, capsys):
+    import json
+
+    from leanvl.cli import main
+    from leanvl.tasks.build import release
+
+    root, annotations = clip_folder
+    tokenizer = create_model("evilm_tokenizer_tiny", vocab_size=400, num_codes=64)
+    folder = release(tokenizer, tmp_path / "tokenizer")
+    out = tmp_path / "codes.png"
+    assert main(["tokenize", str(root / "clip0.mp4"), "--model", str(folder), "--out", str(out),
+                 "--frames", "2", "--size", "64"]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert out.stat().st_size > 0 and record["grid"] == [2, 2, 2] and record["num_codes"] == 64
+    clip = torch.stack([torch.as_tensor(record["codes"])])
+    assert clip.min() >= 0 and clip.max() < 64
+    capsys.readouterr()
+    assert main(["tokenize", "--model", str(folder), "--data", str(annotations), "--root",
+                 str(root), "--frames", "2", "--size", "64", "--quiet"]) == 0
+    usage = json.loads(capsys.readouterr().out)
+    assert usage["clips"] == 6 and usage["tokens"] == 6 * 8
+    assert usage["utilisation"] == usage["codes_used"] / 64 and 1 <= usage["perplexity"] <= 48
+    assert main(["tokenize", "--model", str(folder)]) == 2  # neither a video nor --data

@@ -10,6 +10,11 @@
 5. zero-shot evaluation: retrieval on the 1,000-clip test split, multiple choice (temporal and
    static items), QA by answer ranking; a results table and a report folder with plots.
 
+``--method evilm``: the same benchmark and evaluation around E-ViLM-tiny: its semantic VQ
+tokenizer first (codebook utilisation and perplexity measured on the retrieval test clips),
+then pre-training with MLM + VTM + MVM on the tokenizer's codes (+ VTC on the unimodal
+passes, for zero-shot retrieval), evaluated with the unimodal fast path re-ranked by VTM.
+
 ``--method perceiver_vl``: the same benchmark and evaluation around one pre-training stage of
 Perceiver-VL-tiny (VTM with swapped videos + MLM through the query decoder, LayerDrop on
 cross-attention), evaluated as a mixed-stream model (every test pair scored by the decoder over
@@ -40,8 +45,9 @@ log = logging.getLogger(__name__)
 DEMO_SYNTH = ["frames=8", "classify_train_clips=0", "classify_test_clips=0"]
 QUICK_SYNTH = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200"]
 QUICK_TRAIN = {"teacher": ["train.epochs=3"], "stage1": ["train.epochs=1"],
-               "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"]}
-METHODS = ("umt", "perceiver_vl")
+               "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"],
+               "evilm_tokenizer": ["train.epochs=1"], "evilm": ["train.epochs=1"]}
+METHODS = ("umt", "perceiver_vl", "evilm")
 
 
 def _stage_config(preset: str, out: Path, synth_root: Path, extra: list[str]):
@@ -187,6 +193,9 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
                             quick_for("perceiver_vl"))
         final = _train_stage("Perceiver-VL pre-training", cfg, timings, progress)
         stages, report_name = [out / "perceiver_vl"], "report_perceiver_vl"
+    elif method == "evilm":
+        final, cfg = _evilm_stages(out, root, quick_for, timings, progress)
+        stages, report_name = [out / "evilm_tokenizer", out / "evilm"], "report_evilm"
     else:
         final, cfg, teacher = _umt_stages(out, root, ablation, teacher, quick_for, timings,
                                           progress)
@@ -233,6 +242,37 @@ def _umt_stages(out: Path, root: Path, ablation: bool, teacher: str | None, quic
                             teacher_args + [f"model.pretrained={stage1}"] + quick_for("stage2"))
         final = _train_stage("UMT stage 2", cfg, timings, progress)
     return final, cfg, teacher
+
+
+def _evilm_stages(out: Path, root: Path, quick_for, timings: dict[str, float],
+                  progress: bool = True):
+    """E-ViLM's stages: the semantic VQ tokenizer, then pre-training (MLM + VTM + MVM on its
+    codes, plus VTC on the unimodal passes); returns the final weights folder and the last
+    stage's config. The tokenizer's codebook usage on the retrieval test clips is logged."""
+    cfg = _stage_config("demo_evilm_tokenizer", out / "evilm_tokenizer", root,
+                        quick_for("evilm_tokenizer"))
+    tokenizer = _train_stage("E-ViLM tokenizer (semantic VQ)", cfg, timings, progress)
+    usage_file = out / "evilm_tokenizer" / "codebook_usage.json"
+    if not usage_file.is_file() or usage_file.stat().st_mtime < \
+            (tokenizer / "model.safetensors").stat().st_mtime:
+        from leanvl.engine.checkpoint import load_pretrained
+        from leanvl.tasks.codes import dataset_codebook_statistics
+
+        start = time.perf_counter()
+        usage = dataset_codebook_statistics(load_pretrained(tokenizer),
+                                            root / "retrieval_test.jsonl", str(root), cfg.data,
+                                            batch_size=64, progress_bar=progress)
+        usage["seconds"] = time.perf_counter() - start
+        usage_file.write_text(json.dumps(usage, indent=1))
+    usage = json.loads(usage_file.read_text())
+    timings["tokenizer codebook usage"] = usage["seconds"]
+    log.info("demo: tokenizer codebook on the retrieval test clips: %d of %d codes used "
+             "(utilisation %.1f%%), perplexity %.1f", usage["codes_used"], usage["num_codes"],
+             100 * usage["utilisation"], usage["perplexity"])
+    cfg = _stage_config("demo_evilm", out / "evilm", root,
+                        [f"model.kwargs.tokenizer={tokenizer}"] + quick_for("evilm"))
+    final = _train_stage("E-ViLM pre-training (MLM + VTM + MVM + VTC)", cfg, timings, progress)
+    return final, cfg
 
 
 def _stage_dirs(out: Path, ablation: bool, teacher: str) -> list[Path]:

@@ -43,7 +43,7 @@ from leanvl.models.teachers import renormalize
 from leanvl.nn.frames import FrameGridEncoder
 from leanvl.nn.text import BertMLMHead, BertTextEncoder, mask_tokens, model_specials
 from leanvl.nn.vit import VIT_SIZES, Block, VideoViT, init_vit_weights, sincos_table
-from leanvl.vq import VectorQuantizer, code_usage
+from leanvl.vq import VectorQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -150,24 +150,6 @@ class EViLMTokenizer(VideoLanguageModel):
     def no_weight_decay(self) -> set[str]:
         """The codebook: weight decay would shrink codes that L2 normalisation ignores."""
         return {"quantizer.codebook"}
-
-
-@torch.no_grad()
-def codebook_statistics(tokenizer: EViLMTokenizer, loader, device: torch.device | str = "cpu",
-                        progress_bar: bool = True) -> dict[str, Any]:
-    """Utilisation and perplexity of the codes a tokenizer gives every clip of ``loader``."""
-    from leanvl.tasks.common import evaluating, progress
-
-    counts = torch.zeros(tokenizer.quantizer.num_codes, dtype=torch.long)
-    clips = 0
-    with evaluating(tokenizer):
-        for batch in progress(loader, "codes", enabled=progress_bar):
-            codes = tokenizer.codes(batch["video"].to(device)).cpu()
-            counts += torch.bincount(codes.reshape(-1), minlength=counts.numel())
-            clips += codes.shape[0]
-    usage = code_usage(counts)
-    return {"clips": clips, "tokens": int(counts.sum()), "num_codes": int(counts.numel()),
-            "codes_used": int((counts > 0).sum()), **usage}
 
 
 TOKENIZER_SIZES: dict[str, dict[str, Any]] = {
@@ -463,9 +445,13 @@ class EViLM(VideoLanguageModel):
                     torch.zeros(size, size, device=video_tokens.device)
                 negative_text, negative_video = sample_hard_negatives(scores, ids=pair_ids)
                 positive = self.vtm_head(self.pool(joint).float()).squeeze(-1)
-                negatives = torch.cat([
-                    self.match(video_feats, text_feats.index(negative_text)),
-                    self.match(video_feats.index(negative_video), text_feats)])
+                # one negative per positive (balanced classes, one more decoder pass): the
+                # first half of the batch gets a wrong caption, the second half a wrong clip
+                rows = torch.arange(size, device=video_tokens.device)
+                first = rows < size // 2
+                video_rows = torch.where(first, rows, negative_video)
+                text_rows = torch.where(first, negative_text, rows)
+                negatives = self.match(video_feats.index(video_rows), text_feats.index(text_rows))
                 losses["vtm"] = vtm_loss(positive, negatives)
         if "mlm" in self.losses:
             special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
