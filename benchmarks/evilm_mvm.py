@@ -30,7 +30,7 @@ def codebook_curve(stage: Path, every: int) -> list[dict]:
     (and the last record)."""
     records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
-    records = [r for r in records if "codebook_utilisation" in r]
+    records = [r for r in records if "metric/codebook_utilisation" in r]
     picked = [r for r in records if r["step"] % every == 0]
     if records and (not picked or picked[-1]["step"] != records[-1]["step"]):
         picked.append(records[-1])
@@ -82,8 +82,8 @@ def main() -> None:
         for curve in curves.values():
             found = next((r for r in curve if r["step"] == step), None)
             row.append("-" if found is None else
-                       f"{100 * found['codebook_utilisation']:.1f} / "
-                       f"{found['codebook_perplexity']:.1f}")
+                       f"{100 * found['metric/codebook_utilisation']:.1f} / "
+                       f"{found['metric/codebook_perplexity']:.1f}")
         curve_rows.append(row)
     usage_rows = [[name, f"{u['codes_used']} of {u['num_codes']}",
                    f"{100 * u['utilisation']:.1f}", f"{u['perplexity']:.1f}"]

@@ -335,3 +335,26 @@ def test_tokenize_command_writes_codes_picture_and_usage(tmp_path, clip_folder, 
     assert usage["clips"] == 6 and usage["tokens"] == 6 * 8
     assert usage["utilisation"] == usage["codes_used"] / 64 and 1 <= usage["perplexity"] <= 48
     assert main(["tokenize", "--model", str(folder)]) == 2  # neither a video nor --data
+
+
+def test_tokenizer_pretraining_logs_codebook_metrics_apart_from_the_loss(tmp_path, clip_folder):
+    import json
+
+    from leanvl.config import load_config
+    from leanvl.tasks.pretrain import run_pretrain
+
+    root, annotations = clip_folder
+    cfg = load_config("demo_evilm_tokenizer", [
+        f"out={tmp_path}", f"data.root={root}", f"data.train={annotations}", "data.size=64",
+        "data.num_frames=2", "data.batch_size=3", "data.num_workers=0", "train.epochs=2",
+        "train.log_every=1", "data.vocab_keep_fraction=0.01", "model.kwargs.num_codes=16"])
+    result = run_pretrain(cfg, evaluate=lambda model: {}, progress=False)
+    records = [json.loads(line) for line in
+               (tmp_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [record for record in records if "loss" in record]  # not the evaluation's
+    assert len(records) == result["step"] == 4
+    for record in records:
+        assert 0 < record["metric/codebook_utilisation"] <= 1
+        assert 1 <= record["metric/codebook_perplexity"] <= 16
+        weighted = record["token"] + record["codebook"] + record["commitment"]
+        assert record["loss"] == pytest.approx(weighted, rel=1e-4)  # metrics are not losses

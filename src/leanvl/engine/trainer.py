@@ -10,7 +10,8 @@ other values such as caption lists are passed through). The engine owns everythi
   DDP, never in the optimizer and (by default) never in checkpoints;
 - loss = sum of ``train.loss_weights[name] * loss`` (weight 1 for names not configured);
   a model's optional ``step_metrics()`` (values measured in its last ``pretrain_losses``
-  call) are averaged over ranks and logged beside the losses, never trained on;
+  call) are averaged over ranks and logged beside the losses as ``metric/<name>``, never
+  trained on;
 - gradient accumulation (``no_sync`` on all but the last micro-batch), gradient clipping,
   autocast / GradScaler (``train.precision``), optional activation checkpointing through the
   model's ``set_grad_checkpointing(True)``;
@@ -449,9 +450,10 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value.detach().float().reshape(())
                 counts[name] = counts.get(name, 0) + 1
             for name, value in self._step_metrics().items():  # logged, not trained on
-                sums[name] = sums.get(name, 0.0) + torch.as_tensor(
+                key = f"metric/{name}"
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(
                     value, dtype=torch.float32, device=self.device).reshape(())
-                counts[name] = counts.get(name, 0) + 1
+                counts[key] = counts.get(key, 0) + 1
             sums["loss"] = sums.get("loss", 0.0) + total.detach().float().reshape(())
             counts["loss"] = counts.get("loss", 0) + 1
 
