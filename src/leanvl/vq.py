@@ -104,6 +104,9 @@ class VectorQuantizer(nn.Module):
         # they are checkpointed and a resumed run restarts the same codes
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.full((num_codes,), -1, dtype=torch.long))
+        # the step each code was last restarted (-1: never): a fresh code gets dead_after steps
+        # to be chosen before it counts as dead again, without counting as used
+        self.register_buffer("last_restart", torch.full((num_codes,), -1, dtype=torch.long))
         #: codes re-initialised so far (a plain attribute: logged, not checkpointed)
         self.restarted = 0
         self.last_batch_counts: torch.Tensor | None = None
@@ -150,7 +153,7 @@ class VectorQuantizer(nn.Module):
     def dead_codes(self) -> torch.Tensor:
         """Bool mask of the codes no token chose in the last ``dead_after`` steps (a code
         never chosen counts from step 0)."""
-        since = torch.where(self.last_used >= 0, self.last_used, torch.zeros_like(self.last_used))
+        since = torch.maximum(self.last_used, self.last_restart).clamp_min(0)
         return (self.steps - since) > self.dead_after
 
     @torch.no_grad()
@@ -168,12 +171,13 @@ class VectorQuantizer(nn.Module):
         noise = torch.randn(dead.numel(), self.dim, generator=generator) * 0.01
         new = pool[rows.to(pool.device)] + noise.to(pool.device)
         self.codebook.data[dead] = new.to(self.codebook.dtype)
-        self.last_used[dead] = self.steps  # a fresh code gets dead_after steps to be chosen
+        self.last_restart[dead] = self.steps
         self.restarted += int(dead.numel())
         return int(dead.numel())
 
     def training_usage(self) -> dict[str, float]:
-        """Utilisation over the last ``dead_after`` steps and this batch's code perplexity."""
+        """Utilisation (codes some token chose in the last ``dead_after`` steps; restarted
+        codes count only once chosen) and this batch's code perplexity."""
         window = self.last_used >= max(int(self.steps) - self.dead_after, 0)
         usage = {"utilisation": float(((self.last_used >= 0) & window).double().mean())}
         if self.last_batch_counts is not None:
