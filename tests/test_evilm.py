@@ -358,3 +358,29 @@ def test_tokenizer_pretraining_logs_codebook_metrics_apart_from_the_loss(tmp_pat
         assert 1 <= record["metric/codebook_perplexity"] <= 16
         weighted = record["token"] + record["codebook"] + record["commitment"]
         assert record["loss"] == pytest.approx(weighted, rel=1e-4)  # metrics are not losses
+
+
+def test_multiple_choice_and_linear_probe_run_on_evilm(clip_folder):
+    from leanvl.config import DataConfig, EvalConfig
+    from leanvl.data.annotations import write_annotations
+    from leanvl.data.datasets import build_dataset
+    from leanvl.data.text import TextEncoder
+    from leanvl.tasks.classify import linear_probe
+    from leanvl.tasks.mc import evaluate_mc
+
+    root, _ = clip_folder
+    data = DataConfig(num_frames=2, size=64, normalization="imagenet", num_workers=0)
+    mc = write_annotations([{"video": f"clip{i}.mp4", "answer": i % 3,
+                             "caption": [f"clip number {j}" for j in range(3)]}
+                            for i in range(6)], root / "mc.jsonl")
+    text = TextEncoder(max_len=12)
+    model = create_model("evilm_tiny", vocab_size=text.vocab_size, losses=["vtm"]).eval()
+    result = evaluate_mc(model, build_dataset(mc, str(root), data, train=False, kind="mc"), text,
+                         EvalConfig(), batch_size=3, progress_bar=False)
+    assert result["num_items"] == 6 and 0 <= result["accuracy"] <= 100
+    labelled = write_annotations([{"video": f"clip{i}.mp4", "label": str(i % 2)}
+                                  for i in range(6)], root / "classes.jsonl")
+    dataset = build_dataset(labelled, str(root), data, train=False, kind="classification")
+    probe = linear_probe(model, dataset, dataset, "cpu", batch_size=3, epochs=30,
+                         progress_bar=False)
+    assert probe["top1"] >= 50  # two classes, probed on its own training clips
