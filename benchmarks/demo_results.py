@@ -1,6 +1,6 @@
 """Run ``leanvl demo`` from scratch and record its results and timings in docs/benchmarks.md.
 
-    python benchmarks/demo_results.py [--method umt|perceiver_vl|smaug] [--quick] [--ablation] [--out DIR]
+    python benchmarks/demo_results.py [--method umt|perceiver_vl|smaug|evilm] [--quick] [--ablation] [--out DIR]
                                       [--budget MINUTES] [--precision auto|bf16|fp32]
 
 Each run starts from an empty folder (the synthetic benchmark is generated again), so the time
