@@ -1,6 +1,6 @@
 """Run ``leanvl demo`` from scratch and record its results and timings in docs/benchmarks.md.
 
-    python benchmarks/demo_results.py [--method umt|perceiver_vl] [--quick] [--ablation] [--out DIR]
+    python benchmarks/demo_results.py [--method umt|perceiver_vl|smaug|evilm] [--quick] [--ablation] [--out DIR]
                                       [--budget MINUTES] [--precision auto|bf16|fp32]
 
 Each run starts from an empty folder (the synthetic benchmark is generated again), so the time
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import table, update_section  # noqa: E402
 
-from leanvl.demo import run_demo  # noqa: E402
+from leanvl.demo import METHODS, run_demo  # noqa: E402
 
 ROWS = [("text-to-video R@1 (dual encoder / model score)", "retrieval", "dual/t2v/R@1"),
         ("text-to-video R@1 (re-ranked)", "retrieval", "rerank/t2v/R@1"),
@@ -43,7 +43,7 @@ def _value(results: dict, task: str, key) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="umt", choices=["umt", "perceiver_vl"])
+    parser.add_argument("--method", default="umt", choices=list(METHODS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ablation", action="store_true", help="UMT: also stage 2 alone")
     parser.add_argument("--out", default="", help="keep the demo folder here")

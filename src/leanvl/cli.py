@@ -195,6 +195,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """A video tokenizer's codes: one clip's codes and picture, or codebook usage over data."""
+    from leanvl.config import load_config
+    from leanvl.engine.checkpoint import load_pretrained, trained_input_settings
+    from leanvl.tasks.codes import dataset_codebook_statistics, write_clip_codes
+
+    if bool(args.video) == bool(args.data):
+        raise ValueError("give either a VIDEO (its codes and picture) or --data ANNOTATIONS "
+                         "(codebook utilisation and perplexity over its clips)")
+    overrides = [f"data.{key}={value}" for key, value in
+                 (("num_frames", args.frames), ("size", args.size)) if value]
+    cfg = load_config(None, overrides, base={"data": trained_input_settings(args.model)})
+    model = load_pretrained(args.model)
+    if args.video:
+        summary = write_clip_codes(model, args.video, args.out, cfg.data.num_frames,
+                                   cfg.data.size, cfg.data.backend)
+    else:
+        summary = dataset_codebook_statistics(model, args.data, args.root, cfg.data,
+                                              batch_size=args.batch_size,
+                                              progress_bar=not args.quiet)
+    print(json.dumps(summary, indent=1, default=float))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert an official checkpoint to leanvl weights (safetensors)."""
     from leanvl.models.convert import convert_checkpoint
@@ -350,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a method on the synthetic benchmark, on the CPU: "
                        "pre-training, zero-shot evaluation, report (UMT: teacher, stage 1, "
                        "stage 2)")
-    p.add_argument("--method", choices=["umt", "perceiver_vl"], default="umt",
+    p.add_argument("--method", choices=["umt", "perceiver_vl", "smaug", "evilm"], default="umt",
                    help="which method's pipeline to run (default: umt)")
     p.add_argument("--out", default="work/demo", help="demo folder (default: work/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller benchmark and shorter runs")
@@ -408,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--text-len", type=int, default=32)
-    p.add_argument("--part", choices=["video", "text", "full"], default="video",
+    p.add_argument("--part", choices=["auto", "video", "text", "full", "pair"], default="auto",
                    help="what the GFLOPs/latency cover: the video encoder (the papers' tables), "
-                   "the text encoder, or video + text + one matching pass")
+                   "the text encoder, video + text + one matching pass, or one (clip, caption) "
+                   "pair through the cross-encoder with GFLOPs by component (auto: the model's "
+                   "default, pair for E-ViLM, else video)")
     p.add_argument("--mask-ratio", type=float, default=0.0,
                    help="drop this fraction of video tokens (random) before the encoder")
     p.add_argument("--no-latency", action="store_true", help="count only (no timing)")
@@ -423,6 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="create_model keyword overrides (YAML values)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("tokenize", help="a video tokenizer's codes (E-ViLM): a clip's codes "
+                       "and a picture of them, or codebook usage over an annotation file")
+    p.add_argument("video", nargs="?", help="a video file: write its codes and their picture")
+    p.add_argument("--model", required=True, help="released tokenizer weights folder")
+    p.add_argument("--out", default="codes.png",
+                   help="picture of the codes (PNG; the codes go to the same name .json)")
+    p.add_argument("--data", help="annotation file: codebook utilisation and perplexity over "
+                   "its clips instead")
+    p.add_argument("--root", help="folder that relative media paths are joined to")
+    p.add_argument("--frames", type=int, help="frames per clip (default: as trained)")
+    p.add_argument("--size", type=int, help="frame size (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("convert", help="convert official checkpoints to leanvl weights")
     p.add_argument("kind", choices=["umt-stage1", "umt-finetune", "umt-stage2", "clip-visual",

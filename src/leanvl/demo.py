@@ -10,6 +10,15 @@
 5. zero-shot evaluation: retrieval on the 1,000-clip test split, multiple choice (temporal and
    static items), QA by answer ranking; a results table and a report folder with plots.
 
+``--method smaug``: SMAUG-tiny pre-trained in two stages (one frame, then 4 frames with
+text-guided selection of 2 for the cross-encoder, from the single-frame weights), evaluated as
+UMT is (dual encoder, then the top candidates re-ranked by VTM).
+
+``--method evilm``: the same benchmark and evaluation around E-ViLM-tiny: its semantic VQ
+tokenizer first (codebook utilisation and perplexity measured on the retrieval test clips),
+then pre-training with MLM + VTM + MVM on the tokenizer's codes (+ VTC on the unimodal
+passes, for zero-shot retrieval), evaluated with the unimodal fast path re-ranked by VTM.
+
 ``--method perceiver_vl``: the same benchmark and evaluation around one pre-training stage of
 Perceiver-VL-tiny (VTM with swapped videos + MLM through the query decoder, LayerDrop on
 cross-attention), evaluated as a mixed-stream model (every test pair scored by the decoder over
@@ -57,8 +66,10 @@ log = logging.getLogger(__name__)
 DEMO_SYNTH = ["frames=8", "classify_train_clips=0", "classify_test_clips=0"]
 QUICK_SYNTH = ["pretrain_clips=500", "retrieval_test_clips=200", "mc_test_clips=200"]
 QUICK_TRAIN = {"teacher": ["train.epochs=3"], "stage1": ["train.epochs=1"],
-               "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"]}
-METHODS = ("umt", "perceiver_vl")
+               "stage2": ["train.epochs=3"], "perceiver_vl": ["train.epochs=4"],
+               "smaug": ["train.epochs=1"],
+               "evilm_tokenizer": ["train.epochs=1"], "evilm": ["train.epochs=1"]}
+METHODS = ("umt", "perceiver_vl", "smaug", "evilm")
 # Overrides with these sections go to every stage's run config (e.g. train.epochs=0.1 for a
 # shorter run); the others are synthetic-benchmark options.
 STAGE_SECTIONS = ("train.", "data.", "eval.", "model.")
@@ -339,6 +350,10 @@ def run_demo(out: str | Path = "work/demo", quick: bool = False, progress: bool 
 
     if method == "perceiver_vl":
         stage_fn, report_name = _perceiver_vl_stages, "report_perceiver_vl"
+    elif method == "smaug":
+        stage_fn, report_name = _smaug_stages, "report_smaug"
+    elif method == "evilm":
+        stage_fn, report_name = _evilm_stages, "report_evilm"
     settings = {"budget_minutes": budget_minutes, "precision": demo_precision(precision),
                 "quick": quick, "synth": OmegaConf.to_container(synth_cfg.synth)}
     if method == "umt":
@@ -506,6 +521,57 @@ def _umt_stages(out: Path, root: Path, ablation: bool, teacher: str | None, quic
                             teacher_args + [f"model.pretrained={stage1}"] + quick_for("stage2"))
         final = _train_stage("UMT stage 2", cfg, timings, progress)
     return final, cfg, teacher
+
+
+def _smaug_stages(out: Path, root: Path, quick_for, timings: dict[str, float],
+                  progress: bool = True):
+    """SMAUG's stages: single-frame pre-training, then 4 frames with frame selection 4 -> 2 from
+    the single-frame weights; returns the final weights folder and the last stage's config."""
+    cfg = _stage_config("demo_smaug_single_frame", out / "smaug_single_frame", root,
+                        quick_for("smaug"))
+    single = _train_stage("SMAUG single-frame", cfg, timings, progress)
+    cfg = _stage_config("demo_smaug_multi_frame", out / "smaug", root,
+                        [f"model.pretrained={single}"] + quick_for("smaug"))
+    final = _train_stage("SMAUG 4 frames, selection 4->2", cfg, timings, progress)
+    return final, cfg
+
+
+def _evilm_stages(out: Path, root: Path, quick_for, timings: dict[str, float],
+                  progress: bool = True):
+    """E-ViLM's stages: the semantic VQ tokenizer, then pre-training (MLM + VTM + MVM on its
+    codes, plus VTC on the unimodal passes); returns the final weights folder and the last
+    stage's config. The tokenizer's codebook usage on the retrieval test clips is logged."""
+    cfg = _stage_config("demo_evilm_tokenizer", out / "evilm_tokenizer", root,
+                        quick_for("evilm_tokenizer"))
+    tokenizer = _train_stage("E-ViLM tokenizer (semantic VQ)", cfg, timings, progress)
+    if _active.mode != "probe":  # the planner's timed steps need no codebook statistics
+        _log_codebook_usage(out, root, tokenizer, cfg, timings, progress)
+    cfg = _stage_config("demo_evilm", out / "evilm", root,
+                        [f"model.kwargs.tokenizer={tokenizer}"] + quick_for("evilm"))
+    final = _train_stage("E-ViLM pre-training (MLM + VTM + MVM + VTC)", cfg, timings, progress)
+    return final, cfg
+
+
+def _log_codebook_usage(out: Path, root: Path, tokenizer: Path, cfg, timings: dict[str, float],
+                        progress: bool) -> None:
+    """Measure (once per trained tokenizer) and log its codebook usage on the test clips."""
+    usage_file = out / "evilm_tokenizer" / "codebook_usage.json"
+    if not usage_file.is_file() or usage_file.stat().st_mtime < \
+            (tokenizer / "model.safetensors").stat().st_mtime:
+        from leanvl.engine.checkpoint import load_pretrained
+        from leanvl.tasks.codes import dataset_codebook_statistics
+
+        start = time.perf_counter()
+        usage = dataset_codebook_statistics(load_pretrained(tokenizer),
+                                            root / "retrieval_test.jsonl", str(root), cfg.data,
+                                            batch_size=64, progress_bar=progress)
+        usage["seconds"] = time.perf_counter() - start
+        usage_file.write_text(json.dumps(usage, indent=1))
+    usage = json.loads(usage_file.read_text())
+    timings["tokenizer codebook usage"] = usage["seconds"]
+    log.info("demo: tokenizer codebook on the retrieval test clips: %d of %d codes used "
+             "(utilisation %.1f%%), perplexity %.1f", usage["codes_used"], usage["num_codes"],
+             100 * usage["utilisation"], usage["perplexity"])
 
 
 def _stage_dirs(out: Path, ablation: bool, teacher: str) -> list[Path]:

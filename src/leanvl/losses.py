@@ -1,4 +1,4 @@
-"""Pre-training losses shared by the methods: VTC, VTM (with hard negatives), MLM, UTA.
+"""Pre-training losses shared by the methods: VTC, VTM (with hard negatives), MLM, UTA, focal.
 
 Conventions: embeddings passed to ``vtc_loss`` are L2-normalised; ``match`` logits are one
 number per pair (the log-odds of "match"), so VTM is a binary cross-entropy.
@@ -133,3 +133,47 @@ def uta_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
         cosine = (F.normalize(s.float(), dim=-1) * F.normalize(t.float(), dim=-1)).sum(dim=-1)
         losses.append((2 - 2 * cosine).mean())
     return torch.stack(losses).mean()
+
+
+def pixel_reconstruction_loss(predicted: torch.Tensor, target: torch.Tensor,
+                              scored: torch.Tensor, normalize_target: bool = False) -> torch.Tensor:
+    """MAE's MVM: mean squared pixel error per patch, averaged over the ``scored`` patches only.
+
+    ``predicted`` / ``target`` B x P x (p*p*C) (``nn.mae.patchify``), ``scored`` B x P bool
+    (True = counts, e.g. the masked patches). ``normalize_target`` standardises each target
+    patch by its own mean and variance (MAE's ``norm_pix_loss``).
+    """
+    if predicted.shape != target.shape or scored.shape != target.shape[:2]:
+        raise ValueError(f"shapes differ: predicted {tuple(predicted.shape)}, target "
+                         f"{tuple(target.shape)}, scored {tuple(scored.shape)}")
+    target = target.float()
+    if normalize_target:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((predicted.float() - target) ** 2).mean(dim=-1)
+    weights = scored.float()
+    if not bool(scored.any()):
+        return (per_patch * weights).sum()  # zero, graph kept
+    return (per_patch * weights).sum() / weights.sum()
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 0.0,
+               gamma_neg: float = 1.0) -> torch.Tensor:
+    """Multi-label focal loss, mean over classes and samples (E-ViLM's tokenizer, eq. 6).
+
+    With p = sigmoid(logit), a positive class costs ``-(1 - p)^gamma_pos * log p`` and a
+    negative one ``-p^gamma_neg * log(1 - p)``: the defaults (0, 1) are E-ViLM's eq. 6, where
+    the many easy negatives of a large vocabulary are down-weighted by their own probability
+    (the asymmetric form of Ben-Baruch et al.); gamma 0 on both sides is plain binary
+    cross-entropy. ``targets`` is 0/1 of ``logits``' shape.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+                         "differ in shape")
+    logits, targets = logits.float(), targets.float()
+    probability = torch.sigmoid(logits)
+    # log p and log(1 - p) from the logits, stable for large |logit|
+    positive = -F.logsigmoid(logits) * (1 - probability).pow(gamma_pos)
+    negative = -F.logsigmoid(-logits) * probability.pow(gamma_neg)
+    return (targets * positive + (1 - targets) * negative).mean()

@@ -40,6 +40,10 @@ def count_parameters(model: nn.Module, depth: int = 1,
     """
     counts: dict[str, int] = {}
     total = 0
+    components = model.parameter_components() if depth == 1 and hasattr(
+        model, "parameter_components") else None
+    if components:
+        return _count_by_components(model, components, trainable_only)
     for name, param in model.named_parameters():
         if trainable_only and not param.requires_grad:
             continue
@@ -47,6 +51,23 @@ def count_parameters(model: nn.Module, depth: int = 1,
         owner = name.rsplit(".", 1)[0] if "." in name else name
         component = ".".join(owner.split(".")[:depth])
         counts[component] = counts.get(component, 0) + param.numel()
+        total += param.numel()
+    counts["total"] = total
+    return counts
+
+
+def _count_by_components(model: nn.Module, components: Mapping[str, tuple[str, ...]],
+                         trainable_only: bool) -> dict[str, int]:
+    """Parameters per named component of ``model.parameter_components()`` (name -> prefixes;
+    the first component whose prefix matches takes a parameter, the rest go to ``other``)."""
+    counts = dict.fromkeys(components, 0)
+    total = 0
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        owner = next((c for c, prefixes in components.items() if name.startswith(prefixes)),
+                     "other")
+        counts[owner] = counts.get(owner, 0) + param.numel()
         total += param.numel()
     counts["total"] = total
     return counts
@@ -245,8 +266,9 @@ def profile_report(model: nn.Module, inputs: Any, forward: Callable[..., Any] | 
     ``forward(**inputs)`` (dict) or ``forward(inputs)``.
     """
     forward = forward or model
-    rows = [{"item": f"params: {name}", "value": _human(count)}
-            for name, count in count_parameters(model, depth=param_depth).items()]
+    table = model.parameter_table() if hasattr(model, "parameter_table") else \
+        count_parameters(model, depth=param_depth)
+    rows = [{"item": f"params: {name}", "value": _human(count)} for name, count in table.items()]
     gflops = count_flops(forward, inputs)
     rows.append({"item": "GFLOPs (1 MAC = 1 FLOP)", "value": f"{gflops:.2f}"})
 
@@ -285,27 +307,66 @@ def format_table(rows: list[dict[str, Any]], style: str = "markdown") -> str:
 
 
 
+def flops_by_component(model: nn.Module, model_fn: Callable[..., Any]) -> dict[str, float]:
+    """GFLOPs (1 MAC = 1 FLOP) of ``model_fn()`` by ``model``'s top-level modules (a
+    ``ModuleList``'s members summed under its name), plus ``other`` (work outside them, e.g.
+    concatenation) and ``total``; a module called several times counts every call."""
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_custom_flop_formulas())
+    parts: dict[str, float] = {}
+    handles = []
+    for name, child in model.named_children():
+        members = list(child) if isinstance(child, nn.ModuleList | nn.Sequential) and \
+            not hasattr(child, "forward_joint") else [child]
+        for member in members:
+            def before(module, args, _name=name):
+                module._flops_before = counter.get_total_flops()
+
+            def after(module, args, output, _name=name):
+                used = counter.get_total_flops() - module.__dict__.pop("_flops_before")
+                parts[_name] = parts.get(_name, 0.0) + used / 2e9
+
+            handles += [member.register_forward_pre_hook(before),
+                        member.register_forward_hook(after)]
+    try:
+        with counter, torch.no_grad():
+            model_fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = counter.get_total_flops() / 2e9
+    parts = {name: value for name, value in parts.items() if value > 0}
+    parts["other"] = max(total - sum(parts.values()), 0.0)
+    parts["total"] = total
+    return parts
+
+
 def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, text_len: int = 32,
-                  part: str = "video", mask_ratio: float = 0.0, latency: bool = True,
+                  part: str = "auto", mask_ratio: float = 0.0, latency: bool = True,
                   repeats: int = 3, train_batch: int = 0, overrides: list[str] | None = None,
                   device: torch.device | str | None = None, precision: str = "auto"
                   ) -> list[dict[str, str]]:
     """The ``leanvl profile`` report of a registered model on random inputs.
 
     ``part`` picks what GFLOPs and latency cover: ``video`` (the video encoder, as the papers'
-    tables), ``text``, or ``full`` (both encoders and one matching pass). ``train_batch`` > 0
+    tables), ``text``, ``full`` (both encoders and one matching pass), ``pair`` (one pass of
+    the cross-encoder over (clip, caption) pairs, ``model.forward_joint``, with GFLOPs by
+    component) or ``auto`` (the model's ``profile_part``, else ``video``). ``train_batch`` > 0
     adds pre-training throughput (clips/s) of ``pretrain_losses`` + backward + AdamW step under
     ``precision`` (``auto``: bf16 autocast on GPU, fp32 on CPU, as training runs), its peak
     memory and, on a known GPU, the model FLOPs utilisation of that step.
     """
     from omegaconf import OmegaConf
 
-    from leanvl.masking import random_mask
+    from leanvl.masking import random_mask, tube_mask
     from leanvl.models.registry import create_model
 
     kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides or [])), resolve=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = create_model(name, **kwargs).to(device).eval()
+    if part == "auto":
+        part = getattr(model, "profile_part", "video")
+    if part == "pair" and not hasattr(model, "forward_joint"):
+        raise ValueError(f"--part pair needs a model with forward_joint; {name} has none")
     video = torch.randn(batch, frames, 3, size, size, device=device)
     ids = torch.randint(1000, 2000, (batch, text_len), device=device)
     ids[:, 0] = 101
@@ -315,8 +376,12 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
         if encoder is None:
             raise ValueError(f"--mask-ratio needs a model with a maskable video_encoder; {name} "
                              "has none")
-        tokens = encoder.patch_embed.grid(frames, size, size)
-        mask = random_mask(batch, tokens[0] * tokens[1] * tokens[2], mask_ratio, device=device)
+        tokens = getattr(encoder, "patch_embed", encoder).grid(frames, size, size)
+        if getattr(encoder, "frame_by_frame", False):  # the same patches in every frame
+            mask = tube_mask(batch, tokens[0], tokens[1] * tokens[2], mask_ratio, device=device)
+        else:
+            mask = random_mask(batch, tokens[0] * tokens[1] * tokens[2], mask_ratio,
+                               device=device)
 
         def encode_video():
             return encoder(video, mask)
@@ -330,6 +395,8 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
     def forward():
         if part == "video":
             return encode_video()
+        if part == "pair":
+            return model.forward_joint(video, ids, text_mask)
         text = model.encode_text(ids, text_mask)
         if part == "text":
             return text
@@ -340,10 +407,16 @@ def profile_model(name: str, frames: int = 8, size: int = 224, batch: int = 1, t
              + (f", text {text_len} tokens" if part != "video" else "")
              + (f", {mask_ratio:.0%} of video tokens masked" if mask_ratio else "")},
             {"item": "measured", "value": {"video": "video encoder", "text": "text encoder",
-                                           "full": "video + text encoders + one match"}[part]}]
+                                           "full": "video + text encoders + one match",
+                                           "pair": "one (clip, caption) pair through the "
+                                                   "cross-encoder"}[part]}]
     with torch.no_grad():
         rows += profile_report(model, (), forward=lambda: forward(), latency=latency,
                                memory=latency, repeats=repeats, device=device)
+        if part == "pair":
+            for component, value in flops_by_component(model, forward).items():
+                if component != "total":
+                    rows.append({"item": f"GFLOPs: {component}", "value": f"{value:.3f}"})
     if train_batch > 0:
         model.train()
         ids_t = ids[:1].expand(train_batch, -1).clone()

@@ -23,7 +23,8 @@ def _pyplot():
     return plt
 
 
-#: what the trainer logs besides the named losses and their weighted total ``loss``
+#: what the trainer logs besides the named losses and their weighted total ``loss`` (and besides
+#: ``eval/...`` and a model's step metrics, ``metric/...``)
 NOT_LOSSES = {"step", "epoch", "lr", "clips_per_s", "data_time", "step_time", "skipped",
               "bad_samples", "grad_norm"}
 
@@ -46,7 +47,7 @@ def plot_losses(stages: list[Path], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(logs), figsize=(4.5 * len(logs), 3.4), squeeze=False)
     for ax, (name, rows) in zip(axes[0], logs, strict=True):
         keys = sorted({k for row in rows for k, v in row.items()
-                       if k not in NOT_LOSSES and not k.startswith("eval/")
+                       if k not in NOT_LOSSES and not k.startswith(("eval/", "metric/"))
                        and isinstance(v, int | float) and v > 0})
         for key in keys:
             points = [(row["step"], row[key]) for row in rows if key in row and row[key] > 0]

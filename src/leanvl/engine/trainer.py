@@ -9,6 +9,9 @@ other values such as caption lists are passed through). The engine owns everythi
   ``frozen_prefixes`` (teachers) are ``requires_grad=False``, never broadcast or reduced by
   DDP, never in the optimizer and (by default) never in checkpoints;
 - loss = sum of ``train.loss_weights[name] * loss`` (weight 1 for names not configured);
+  a model's optional ``step_metrics()`` (values measured in its last ``pretrain_losses``
+  call) are averaged over ranks and logged beside the losses as ``metric/<name>``, never
+  trained on;
 - gradient accumulation (``no_sync`` on all but the last micro-batch), gradient clipping,
   autocast / GradScaler (``train.precision``), optional activation checkpointing through the
   model's ``set_grad_checkpointing(True)``;
@@ -288,6 +291,12 @@ class Trainer:
             total = term if total is None else total + term
         return total if total is not None else sum(v * 0.0 for v in losses.values())
 
+    def _step_metrics(self) -> dict[str, Any]:
+        """What the model measured in its last ``pretrain_losses`` call besides the losses
+        (``step_metrics()``, e.g. a codebook's utilisation): logged with them, never summed."""
+        method = getattr(self.model, "step_metrics", None)
+        return dict(method()) if callable(method) else {}
+
     def _epoch_position(self) -> float:
         if not self.batches_per_epoch:
             return float(self.epoch)
@@ -473,6 +482,11 @@ class Trainer:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float().reshape(())
                 counts[name] = counts.get(name, 0) + 1
+            for name, value in self._step_metrics().items():  # logged, not trained on
+                key = f"metric/{name}"
+                sums[key] = sums.get(key, 0.0) + torch.as_tensor(
+                    value, dtype=torch.float32, device=self.device).reshape(())
+                counts[key] = counts.get(key, 0) + 1
             sums["loss"] = sums.get("loss", 0.0) + total.detach().float().reshape(())
             counts["loss"] = counts.get("loss", 0) + 1
 

@@ -25,6 +25,18 @@ it is not ``match`` (UMT's 2-way head: the raw match logit, while ``match`` stay
 against a text by the mean over its frames of per-frame cosines (UMT's ``keep_temporal``)
 stores the mean of the per-frame unit vectors, not re-normalised, so that the dual-encoder
 score stays one dot product with the text embedding (what a vector index needs).
+
+``parameter_components() -> {component: parameter-name prefixes}`` (how ``leanvl profile``
+groups parameters, e.g. SMAUG's text and fusion layers, which live in one BERT; the first
+component whose prefix matches takes a parameter).
+
+``fused_cls(video_feats, text_feats) -> B x fused_dim`` (QA classification),
+``forward_joint(video, text_ids, text_mask)`` (one pass over pairs: ``leanvl profile --part
+pair``), ``step_metrics() -> dict[str, float]`` (values measured in the last
+``pretrain_losses`` call that the trainer logs beside the losses but never trains on, e.g. a
+codebook's utilisation), ``parameter_table() -> dict[str, int]`` (parameters by the rows a
+paper reports; ``leanvl profile`` prints them instead of the top-level modules) and a class
+attribute ``profile_part`` (what ``leanvl profile`` costs by default).
 """
 
 from __future__ import annotations

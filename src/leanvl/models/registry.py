@@ -10,7 +10,8 @@ from torch import nn
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 # Modules that register models on import; imported lazily so `import leanvl` stays light.
-_MODEL_MODULES = ("leanvl.models.umt", "leanvl.models.clip", "leanvl.models.perceiver_vl")
+_MODEL_MODULES = ("leanvl.models.umt", "leanvl.models.clip", "leanvl.models.perceiver_vl",
+                  "leanvl.models.smaug", "leanvl.models.evilm")
 
 
 def register_model(name: str) -> Callable:

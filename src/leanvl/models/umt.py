@@ -32,7 +32,13 @@ from leanvl.masking import random_mask, reverse_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
 from leanvl.models.teachers import CLIP_SIZES, CLIPVisionTeacher
-from leanvl.nn.text import BertTextEncoder, mask_tokens, model_specials
+from leanvl.nn.text import (
+    TEXT_SIZES,
+    BertTextEncoder,
+    build_fusion_text_encoder,
+    mask_tokens,
+    model_specials,
+)
 from leanvl.nn.vit import VIT_SIZES, AlignmentHead, VideoViT
 
 MASK_TYPES = ("semantic", "random", "tube", "none")
@@ -96,26 +102,9 @@ class UMT(VideoLanguageModel):
         self.specials = model_specials(self.text_vocab_ids, special_ids)
         self.text_encoder: BertTextEncoder | None = None
         if stage == 2:
-            text = dict(text or {})
-            if text_pretrained:
-                fusion = text.pop("fusion_layers", 3)
-                self.text_encoder = BertTextEncoder.from_pretrained(
-                    text_model_path(text_pretrained), fusion_layers=fusion,
-                    text_layers=text.pop("text_layers", None), video_dim=self.video_dim,
-                    mlm_head=mlm_head, dropout=text.pop("dropout", None),
-                    attention_dropout=text.pop("attention_dropout", None))
-                if text:
-                    raise ValueError(f"text={sorted(text)}: a pretrained text model "
-                                     f"({text_pretrained}) brings its own sizes; only "
-                                     "text_layers, fusion_layers, dropout and attention_dropout "
-                                     "can be set")
-                if self.text_vocab_ids:
-                    self.text_encoder.keep_tokens(self.text_vocab_ids)
-            else:
-                if self.text_vocab_ids:
-                    text["vocab_size"] = len(self.text_vocab_ids)
-                self.text_encoder = BertTextEncoder(**text, video_dim=self.video_dim,
-                                                    mlm_head=mlm_head)
+            self.text_encoder = build_fusion_text_encoder(
+                text, text_model_path(text_pretrained) if text_pretrained else "",
+                self.video_dim, self.text_vocab_ids, mlm_head=mlm_head)
             hidden = self.text_encoder.hidden_size
             # UMT's vision side: mean -> LayerNorm (the student's eps) -> vision_proj
             self.pool_norm = nn.LayerNorm(self.video_dim, eps=1e-6) if pool_norm else nn.Identity()
@@ -376,16 +365,6 @@ class UMT(VideoLanguageModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in the video encoder's blocks."""
         self.video_encoder.activation_checkpointing = enable
-
-
-TEXT_SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 128, "text_layers": 2, "fusion_layers": 2, "num_heads": 2,
-             "intermediate_size": 512, "max_positions": 64},
-    "base": {"hidden_size": 768, "text_layers": 9, "fusion_layers": 3, "num_heads": 12,
-             "intermediate_size": 3072},
-    "large": {"hidden_size": 1024, "text_layers": 19, "fusion_layers": 5, "num_heads": 16,
-              "intermediate_size": 4096},
-}
 
 
 def _umt(vision_size: str, text_size: str, drop_path: float, vision: dict | None,

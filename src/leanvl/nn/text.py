@@ -213,11 +213,19 @@ class BertTextEncoder(nn.Module):
         rates = {name: float(value) for name, value in
                  (("hidden_dropout_prob", dropout), ("attention_probs_dropout_prob",
                                                      attention_dropout)) if value is not None}
-        with _quiet_transformers():
-            base, info = BertModel.from_pretrained(
-                str(folder), local_files_only=True, add_pooling_layer=False,
-                attn_implementation=attn_implementation, output_loading_info=True, **rates)
-        _log_loading_info(folder, info)
+        if torch.get_default_device().type == "meta":
+            # sizing a model without weights (profiling, preset checks): the folder's config only
+            from transformers import BertConfig
+
+            config = BertConfig.from_pretrained(str(folder), local_files_only=True, **rates)
+            config._attn_implementation = attn_implementation
+            base = BertModel(config, add_pooling_layer=False)
+        else:
+            with _quiet_transformers():
+                base, info = BertModel.from_pretrained(
+                    str(folder), local_files_only=True, add_pooling_layer=False,
+                    attn_implementation=attn_implementation, output_loading_info=True, **rates)
+            _log_loading_info(folder, info)
         total = base.config.num_hidden_layers
         text_layers = total - fusion_layers if text_layers is None else text_layers
         wanted = text_layers + fusion_layers
@@ -229,7 +237,7 @@ class BertTextEncoder(nn.Module):
             base.config.num_hidden_layers = wanted
         encoder = cls(text_layers=text_layers, fusion_layers=fusion_layers, video_dim=video_dim,
                       mlm_head=mlm_head, config=base.config, _base=base)
-        if mlm_head:
+        if mlm_head and torch.get_default_device().type != "meta":
             encoder._load_mlm_head(folder)
         return encoder.eval()
 
@@ -329,6 +337,43 @@ class BertTextEncoder(nn.Module):
         if name.startswith("encoder.layer."):
             return int(name.split(".")[2]) + 1
         return self.num_layers + 1
+
+
+#: named BERT sizes with their text / fusion split (tiny for CPU tests; base and large as UMT's
+#: and SMAUG's BERT-base 9 + 3 and UMT-L's BERT-large 19 + 5)
+TEXT_SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 128, "text_layers": 2, "fusion_layers": 2, "num_heads": 2,
+             "intermediate_size": 512, "max_positions": 64},
+    "base": {"hidden_size": 768, "text_layers": 9, "fusion_layers": 3, "num_heads": 12,
+             "intermediate_size": 3072},
+    "large": {"hidden_size": 1024, "text_layers": 19, "fusion_layers": 5, "num_heads": 16,
+              "intermediate_size": 4096},
+}
+
+
+def build_fusion_text_encoder(text: dict | None, pretrained_path: str, video_dim: int,
+                              vocab_ids: Sequence[int] | None = None,
+                              mlm_head: bool = True) -> BertTextEncoder:
+    """A BERT text + fusion encoder (with an MLM head unless ``mlm_head`` is False), from sizes (``text``) or a local pretrained
+    folder (then ``text`` may only set text_layers, fusion_layers and the dropout rates), its
+    vocabulary truncated to ``vocab_ids`` when given."""
+    text = dict(text or {})
+    if pretrained_path:
+        fusion = text.pop("fusion_layers", 3)
+        encoder = BertTextEncoder.from_pretrained(
+            pretrained_path, fusion_layers=fusion, text_layers=text.pop("text_layers", None),
+            video_dim=video_dim, mlm_head=mlm_head, dropout=text.pop("dropout", None),
+            attention_dropout=text.pop("attention_dropout", None))
+        if text:
+            raise ValueError(f"text={sorted(text)}: a pretrained text model ({pretrained_path}) "
+                             "brings its own sizes; only text_layers, fusion_layers, dropout and "
+                             "attention_dropout can be set")
+        if vocab_ids:
+            encoder.keep_tokens(vocab_ids)
+        return encoder
+    if vocab_ids:
+        text["vocab_size"] = len(vocab_ids)
+    return BertTextEncoder(**text, video_dim=video_dim, mlm_head=mlm_head)
 
 
 class BertMLMHead(nn.Module):
