@@ -26,6 +26,17 @@ def _same_random_state():
     random.seed(0)
 
 
+def pretrain_batch(batch_size: int = 4, frames: int = 2, size: int = 32, length: int = 10,
+                   ids: tuple[int, int] = (1000, 3000), cls_sep: tuple[int, int] = (101, 102)
+                   ) -> dict[str, torch.Tensor]:
+    """A random pre-training batch: clips, captions of ``length`` token ids drawn from ``ids``
+    between [CLS] and [SEP] (``cls_sep``), and each pair's own index."""
+    text_ids = torch.randint(*ids, (batch_size, length))
+    text_ids[:, 0], text_ids[:, -1] = cls_sep
+    return {"video": torch.randn(batch_size, frames, 3, size, size), "text_ids": text_ids,
+            "text_mask": torch.ones_like(text_ids), "index": torch.arange(batch_size)}
+
+
 def ramp_frames(num_frames: int = 8, height: int = 32, width: int = 48, offset: int = 0) -> np.ndarray:
     """Frames whose brightness encodes their index (frame t is about 20*t + offset)."""
     frames = np.zeros((num_frames, height, width, 3), np.uint8)

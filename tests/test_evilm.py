@@ -10,17 +10,16 @@ import torch
 from leanvl import create_model
 from leanvl.losses import focal_loss
 from leanvl.vq import VectorQuantizer, code_usage, codebook_losses, nearest_codes
+from tests.conftest import pretrain_batch
 
 TINY = {"vocab_size": 400, "tokenizer": "tiny", "tokenizer_kwargs": {"num_codes": 64}}
 
 
 def _batch(batch_size=4, frames=2, size=64, length=10):
-    ids = torch.randint(10, 390, (batch_size, length))
-    ids[:, 0], ids[:, -1] = 2, 3  # [CLS], [SEP] of a truncated vocabulary (specials first)
-    mask = torch.ones_like(ids)
-    mask[0, -3:] = 0  # one padded caption
-    return {"video": torch.randn(batch_size, frames, 3, size, size), "text_ids": ids,
-            "text_mask": mask, "index": torch.arange(batch_size)}
+    # [CLS], [SEP] of a truncated vocabulary (specials first)
+    batch = pretrain_batch(batch_size, frames, size, length, ids=(10, 390), cls_sep=(2, 3))
+    batch["text_mask"][0, -3:] = 0  # one padded caption
+    return batch
 
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

@@ -14,15 +14,13 @@ from leanvl.sparsify import (
     select_rows,
     sparsified_length,
 )
+from tests.conftest import pretrain_batch
 
 TINY = {"vision": {"image_size": 32}}
 
 
 def _batch(batch_size=4, frames=2, size=32):
-    ids = torch.randint(1000, 3000, (batch_size, 10))
-    ids[:, 0], ids[:, -1] = 101, 102
-    return {"video": torch.randn(batch_size, frames, 3, size, size), "text_ids": ids,
-            "text_mask": torch.ones_like(ids), "index": torch.arange(batch_size)}
+    return pretrain_batch(batch_size, frames, size)
 
 
 def test_keep_and_fuse_keeps_top_tokens_and_fuses_the_rest_by_attention():

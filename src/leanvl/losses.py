@@ -109,6 +109,23 @@ def vtm_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor) -> to
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
+def hard_negative_vtm_loss(match, video, text, ids: torch.Tensor | None = None,
+                           extra_negatives: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """VTM as UMT and SMAUG train it: the B matching pairs, then for each video one text and for
+    each text one video drawn by ``sample_hard_negatives`` from the (detached) dual similarity
+    ``video.embedding @ text.embedding.T``, plus any ``extra_negatives`` logits the caller scored.
+
+    ``video`` / ``text`` are the contract's feature objects (``embedding``, ``index(rows)``);
+    ``match(video, text)`` gives one logit per row-aligned pair.
+    """
+    similarity = (video.embedding @ text.embedding.t()).detach()
+    negative_text, negative_video = sample_hard_negatives(similarity, ids=ids)
+    positive = match(video, text)
+    negatives = [match(video, text.index(negative_text)),
+                 match(video.index(negative_video), text), *extra_negatives]
+    return vtm_loss(positive, torch.cat(negatives))
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the masked positions (labels are -100 elsewhere)."""
     if not (labels != -100).any():

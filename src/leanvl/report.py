@@ -23,6 +23,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, title: str = "", dpi: int = 100) -> Path:
+    """Lay out ``fig`` (with ``title`` above it), write it to ``path`` (folders made), close it."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 #: what the trainer logs besides the named losses and their weighted total ``loss`` (and besides
 #: ``eval/...`` and a model's step metrics, ``metric/...``)
 NOT_LOSSES = {"step", "epoch", "lr", "clips_per_s", "data_time", "step_time", "skipped",

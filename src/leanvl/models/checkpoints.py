@@ -36,7 +36,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,16 @@ def is_timm_clip_naming(state: Mapping[str, Any]) -> bool:
     return "cls_token" in state or any(key.startswith("blocks.") for key in state)
 
 
+def _rename(key: str, table: Sequence[tuple[str, str]]) -> str | None:
+    """``key`` renamed by the first (regex, replacement) of ``table`` that matches it; None when
+    none does."""
+    for pattern, replacement in table:
+        new, hits = re.subn(pattern, replacement, key)
+        if hits:
+            return new
+    return None
+
+
 def convert_timm_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
     """timm ``vit_*_clip_*`` weights -> teacher state (OpenAI names; ``head`` becomes ``proj``)."""
     state = unwrap_state_dict(state_dict)
@@ -243,14 +253,10 @@ def convert_timm_clip_visual(state_dict: Mapping[str, Any]) -> StateDict:
             # timm adds these as zeros when it converts OpenAI weights; CLIP has neither.
             if bool(value.count_nonzero()):
                 raise CheckpointError(f"'{key}' is non-zero; CLIP's visual tower has no such bias")
+        elif (new := _rename(key, _TIMM_TO_OPENAI)) is not None:
+            out[new] = value
         else:
-            for pattern, replacement in _TIMM_TO_OPENAI:
-                new, hits = re.subn(pattern, replacement, key)
-                if hits:
-                    out[new] = value
-                    break
-            else:
-                unknown.append(key)
+            unknown.append(key)
     if unknown:
         raise CheckpointError(f"timm keys with no CLIP equivalent: {unknown}")
     _squeeze_patch_conv(out, "conv1.weight")
@@ -332,11 +338,8 @@ def convert_perceiver_vl(state_dict: Mapping[str, Any]) -> tuple[StateDict, dict
                     raise CheckpointError(f"{key} has no {partner}")
                 out[f"{target}.attn.kv.{merged.group(4)}"] = torch.cat([value, state[partner]])
             continue
-        for pattern, replacement in _PERCEIVER_VL_RENAMES:
-            new, hits = re.subn(pattern, replacement, key)
-            if hits:
-                out[new] = value
-                break
+        if (new := _rename(key, _PERCEIVER_VL_RENAMES)) is not None:
+            out[new] = value
         else:
             unknown.append(key)
     if unknown:
@@ -504,8 +507,6 @@ def _bert_names(key: str) -> str | None:
     if key == "cls.predictions.bias":
         return "mlm_head.bias"
     return None
-
-
 def convert_umt_stage2(state_dict: Mapping[str, Any]) -> StateDict:
     """UMT vision-language checkpoint (``multi_modality``: pre-training with ``text_encoder.
     bert.*`` + ``text_encoder.cls.*``, or fine-tuned with ``text_encoder.*``) -> the state of

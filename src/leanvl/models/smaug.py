@@ -32,11 +32,10 @@ from torch import nn
 from leanvl.config import CLIP_MEAN, CLIP_STD
 from leanvl.engine.precision import full_precision
 from leanvl.losses import (
+    hard_negative_vtm_loss,
     mlm_loss,
     pixel_reconstruction_loss,
-    sample_hard_negatives,
     vtc_loss,
-    vtm_loss,
 )
 from leanvl.masking import random_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
@@ -354,14 +353,10 @@ class SMAUG(VideoLanguageModel):
         losses["vtc"] = vtc_loss(video_feats.embedding, text_feats.embedding, self.temperature,
                                  ids=pair_ids, negative_text=None if false_text is None
                                  else false_text.embedding)
-        similarity = (video_feats.embedding @ text_feats.embedding.t()).detach()
-        negative_text, negative_video = sample_hard_negatives(similarity, ids=pair_ids)
-        positive = self.match(video_feats, text_feats)
-        negatives = [self.match(video_feats, text_feats.index(negative_text)),
-                     self.match(video_feats.index(negative_video), text_feats)]
-        if false_text is not None:
-            negatives.append(self.match(video_feats.index(batch["negative_owner"]), false_text))
-        losses["vtm"] = vtm_loss(positive, torch.cat(negatives))
+        extra = () if false_text is None else \
+            (self.match(video_feats.index(batch["negative_owner"]), false_text),)
+        losses["vtm"] = hard_negative_vtm_loss(self.match, video_feats, text_feats, pair_ids,
+                                               extra)
         if self.mlm_ratio > 0:
             special = [self.specials[k] for k in ("pad", "cls", "sep", "mask", "unk")]
             masked_ids, labels = mask_tokens(ids, text_mask, self.text_encoder.config.vocab_size,

@@ -27,7 +27,7 @@ from torch import nn
 
 from leanvl.config import CLIP_MEAN, CLIP_STD
 from leanvl.engine.precision import full_precision
-from leanvl.losses import mlm_loss, sample_hard_negatives, uta_loss, vtc_loss, vtm_loss
+from leanvl.losses import hard_negative_vtm_loss, mlm_loss, uta_loss, vtc_loss
 from leanvl.masking import random_mask, reverse_mask, semantic_mask, tube_mask
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel, text_model_path
 from leanvl.models.registry import register_model
@@ -307,16 +307,13 @@ class UMT(VideoLanguageModel):
             negative_video=None if reversed_feats is None else reversed_feats.embedding)
         # VTM: B positives, B (video, hard text) and B (hard video, text) negatives, plus each
         # record's own false captions and its caption with the clip played backwards.
-        similarity = (video_feats.embedding @ text_feats.embedding.t()).detach()
-        negative_text, negative_video = sample_hard_negatives(similarity, ids=pair_ids)
-        positive = self.match(video_feats, text_feats)
-        negatives = [self.match(video_feats, text_feats.index(negative_text)),
-                     self.match(video_feats.index(negative_video), text_feats)]
+        extra = []
         if false_text is not None:
-            negatives.append(self.match(video_feats.index(batch["negative_owner"]), false_text))
+            extra.append(self.match(video_feats.index(batch["negative_owner"]), false_text))
         if reversed_feats is not None:
-            negatives.append(self.match(reversed_feats, text_feats.index(reversed_owner)))
-        losses["vtm"] = vtm_loss(positive, torch.cat(negatives))
+            extra.append(self.match(reversed_feats, text_feats.index(reversed_owner)))
+        losses["vtm"] = hard_negative_vtm_loss(self.match, video_feats, text_feats, pair_ids,
+                                               tuple(extra))
         if text_encoder.mlm_head is None:  # weights fine-tuned without MLM (mlm_head=False)
             return losses
         # MLM: masked caption tokens predicted from the fused (text, video) features.

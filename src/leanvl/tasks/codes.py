@@ -55,7 +55,7 @@ def codes_picture(result: dict[str, Any], num_codes: int, path: str | Path,
                   title: str = "") -> Path:
     """Frames (top row) and their codes (bottom row: one coloured cell per code, labelled
     with its index when the grid is small enough to read) as a PNG."""
-    from leanvl.report import _pyplot
+    from leanvl.report import _pyplot, save_figure
 
     plt = _pyplot()
     frames, codes = result["frames"], result["codes"]
@@ -80,14 +80,7 @@ def codes_picture(result: dict[str, Any], num_codes: int, path: str | Path,
         for axis in (top, bottom):
             axis.set_xticks([])
             axis.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def write_clip_codes(model, video: str | Path, out: str | Path, num_frames: int, size: int,

@@ -832,12 +832,10 @@ def _weights_file(model_path: str) -> Path:
 def contact_sheet(hits: Sequence[Hit], out: str | os.PathLike, title: str = "",
                   columns: int = 5) -> Path:
     """A PNG of each hit's middle frame with its rank, file, times and score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from leanvl.data.video import read_frames, read_image
+    from leanvl.report import _pyplot, save_figure
+
+    plt = _pyplot()
 
     if not hits:
         raise ValueError("no hits to draw")
@@ -860,14 +858,7 @@ def contact_sheet(hits: Sequence[Hit], out: str | os.PathLike, title: str = "",
                     fontsize=7, wrap=True)
         ax.set_title(f"{hit.rank}. {Path(hit.path).name}\n{hit.start:.1f}-{hit.end:.1f} s  "
                      f"score {hit.score:.3f}", fontsize=8)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out, title)
 
 
 def format_hits(query: str, hits: Sequence[Hit]) -> str:
