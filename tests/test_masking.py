@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import random
+
+import numpy as np
 import pytest
 import torch
 
-from leanvl.masking import block_mask, num_masked, random_mask, semantic_mask, tube_mask
+from leanvl.masking import (
+    _block_frame,
+    block_mask,
+    num_masked,
+    random_mask,
+    semantic_mask,
+    tube_mask,
+)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -106,6 +117,30 @@ def test_block_mask_exact_blocky_and_deterministic():
     same = block_mask(2, 3, 8, 0.4, same_across_frames=True, generator=generator(0))
     same = same.reshape(2, 3, 64)
     assert torch.all(same == same[:, :1]) and same.sum(-1).unique().tolist() == [26]
+
+
+def test_block_mask_is_made_of_rectangles():
+    """Each frame is the union of the rectangles it lays down (at least ``min_patches`` each,
+    unless fewer remain), plus, only where no rectangle fits the remainder, single patches
+    that touch the blocks."""
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    rng, exact = random.Random(0), 0
+    for _ in range(200):
+        placed: list[tuple[int, int, int, int]] = []
+        mask = _block_frame(rng, 14, 14, 78, 16, log_aspect, placed=placed)
+        union, laid = np.zeros_like(mask), 0
+        for top, left, h, w in placed:
+            assert 0 <= top and top + h <= 14 and 0 <= left and left + w <= 14
+            assert h * w >= min(16, 78 - laid) * 0.5  # rounding h and w from a sampled area
+            laid += int((~union[top:top + h, left:left + w]).sum())
+            union[top:top + h, left:left + w] = True
+        assert mask.sum() == 78 and (union <= mask).all()
+        extra = mask & ~union
+        exact += not extra.any()
+        padded = np.pad(mask, 1)
+        touching = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+        assert touching[extra].all()  # grown from the blocks, not scattered
+    assert exact >= 190  # at 14 x 14 rectangles nearly always fill the frame (200 of 200 here)
 
 
 def test_block_mask_small_grid_exact():

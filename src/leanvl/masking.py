@@ -89,8 +89,12 @@ def reverse_mask(mask: torch.Tensor, time_steps: int) -> torch.Tensor:
 
 
 def _block_frame(rng: random.Random, height: int, width: int, count: int, min_patches: int,
-                 log_aspect: tuple[float, float], max_attempts: int = 10) -> np.ndarray:
-    """One frame of BEiT block-wise masking, topped up to exactly ``count`` masked patches."""
+                 log_aspect: tuple[float, float], max_attempts: int = 10,
+                 placed: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    """One frame of BEiT block-wise masking, topped up to exactly ``count`` masked patches.
+
+    ``placed``, when given, receives each rectangle laid down as (top, left, height, width).
+    """
     mask = np.zeros((height, width), dtype=bool)
     masked = 0
     while masked < count:
@@ -111,6 +115,8 @@ def _block_frame(rng: random.Random, height: int, width: int, count: int, min_pa
             if 0 < new <= remaining:
                 block[:] = True
                 added = new
+                if placed is not None:
+                    placed.append((top, left, h, w))
                 break
         if added == 0:
             break
