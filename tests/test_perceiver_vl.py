@@ -385,3 +385,22 @@ def test_hard_vtm_negatives_follow_vtc_similarity():
     assert set(losses) == {"vtc", "vtm", "mlm"} and all(v.isfinite() for v in losses.values())
     with pytest.raises(ValueError, match="vtc and vtm"):
         small(losses=["vtm", "mlm"], vtm_negatives="hard")
+
+
+def test_mixed_vtm_negatives_mine_half_of_the_swapped_samples(monkeypatch):
+    model = small(losses=["vtc", "vtm", "mlm"], vtm_negatives="mixed")
+    mined = []
+    original = model._hard_sources
+
+    def spy(hard, source, *args):
+        mined.append((hard.clone(), source.clone()))
+        return original(hard, source, *args)
+
+    monkeypatch.setattr(model, "_hard_sources", spy)
+    model.vtm_swap_prob = 1.0  # every sample swapped: the mined ones are about half of them
+    for _ in range(20):
+        model.pretrain_losses(batch(size=8))
+    hard = torch.stack([h for h, _ in mined])
+    assert 0.3 < hard.float().mean().item() < 0.7
+    with pytest.raises(ValueError, match="vtm_negatives"):
+        small(vtm_negatives="semi")

@@ -85,10 +85,10 @@ BUDGET_MINUTES = 15.0
 #: the demo's precision on the CPU: auto (bf16 where the CPU has native bf16 units), bf16, fp32
 PRECISION_ENV = "LEANVL_DEMO_PRECISION"
 DEMO_PRECISIONS = ("auto", "bf16", "fp32")
-#: the planner times the evaluation on this fraction of the test items (at least
-#: EVAL_PROBE_MIN of each file) and on three times as many, and extrapolates
+#: the planner times the evaluation on one evaluation batch of the smallest test file (at least
+#: this fraction of the items) and on twice as many, and extrapolates: slices of whole batches,
+#: because partial ones cost more per item and made the estimate 1.5x too high
 EVAL_PROBE_FRACTION = 0.02
-EVAL_PROBE_MIN = 8
 REPORT_SECONDS = 10.0  # writing the report's plots, as measured on the demo
 
 
@@ -459,9 +459,10 @@ def _probe_evaluation(model_dir: Path, root: Path, cfg) -> float:
 
     files = {name: (root / name).read_text().splitlines()
              for name in ("retrieval_test.jsonl", "mc_test.jsonl", "qa_test.jsonl")}
-    small = max(EVAL_PROBE_FRACTION, EVAL_PROBE_MIN / min(len(v) for v in files.values()))
+    small = min(1.0, max(EVAL_PROBE_FRACTION,
+                         int(cfg.eval.batch_size) / min(len(v) for v in files.values())))
     points = []
-    for fraction in (small, min(1.0, 3 * small)):
+    for fraction in (small, min(1.0, 2 * small)):
         folder = _active.probe_root / f"eval_{fraction:.4f}"
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / "answers.json", folder / "answers.json")

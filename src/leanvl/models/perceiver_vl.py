@@ -87,6 +87,8 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 #: losses each stream trains by default (the paper pre-trains VTM + MLM; multi-stream is a
 #: dual encoder and needs a contrastive loss to be usable)
 DEFAULT_LOSSES = {"single": ("vtm", "mlm"), "mixed": ("vtm", "mlm"), "multi": ("vtc", "mlm")}
+#: how VTM's swapped videos are drawn: uniformly, by VTC similarity (UMT's mining), or half each
+VTM_NEGATIVES = ("random", "hard", "mixed")
 VIDEO, TEXT = 0, 1  # modality / stream embedding rows
 
 
@@ -290,12 +292,13 @@ class PerceiverVL(VideoLanguageModel):
         if latent_resize not in ("new", "interpolate"):
             raise ValueError(f"latent_resize must be 'new' or 'interpolate', got "
                              f"{latent_resize!r}")
-        if vtm_negatives not in ("random", "hard"):
-            raise ValueError(f"vtm_negatives must be 'random' or 'hard', got {vtm_negatives!r}")
+        if vtm_negatives not in VTM_NEGATIVES:
+            raise ValueError(f"vtm_negatives must be one of {VTM_NEGATIVES}, got "
+                             f"{vtm_negatives!r}")
         self.losses = tuple(losses) if losses else DEFAULT_LOSSES[stream]
-        if vtm_negatives == "hard" and not {"vtc", "vtm"} <= set(self.losses):
-            raise ValueError("vtm_negatives='hard' draws the VTM negatives by VTC similarity: "
-                             "train with losses including vtc and vtm")
+        if vtm_negatives != "random" and not {"vtc", "vtm"} <= set(self.losses):
+            raise ValueError(f"vtm_negatives={vtm_negatives!r} draws VTM negatives by VTC "
+                             "similarity: train with losses including vtc and vtm")
         self.vtm_negatives = vtm_negatives
         bad = set(self.losses) - set(LOSSES)
         if bad:
@@ -598,8 +601,11 @@ class PerceiverVL(VideoLanguageModel):
             text_embedding = self.pooled_embedding(vtc_text, self.text_proj)
             losses["vtc"] = vtc_loss(video_embedding, text_embedding, self.temperature,
                                      ids=batch.get("index"))
-            if self.vtm_negatives == "hard" and swap.any():
-                source = self._hard_sources(swap, source, video_embedding, text_embedding,
+            if self.vtm_negatives != "random" and swap.any():
+                hard = swap
+                if self.vtm_negatives == "mixed":  # half of the swapped samples, at random
+                    hard = swap & (torch.rand(size, device=swap.device) < 0.5)
+                source = self._hard_sources(hard, source, video_embedding, text_embedding,
                                             batch.get("index"))
         if self.stream == "single":
             context = self.encode_inputs({
