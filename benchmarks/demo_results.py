@@ -26,6 +26,8 @@ from leanvl.demo import METHODS, run_demo  # noqa: E402
 
 ROWS = [("text-to-video R@1 (dual encoder / model score)", "retrieval", "dual/t2v/R@1"),
         ("text-to-video R@1 (re-ranked)", "retrieval", "rerank/t2v/R@1"),
+        ("text-to-video R@1 (separate encoders' embeddings, where the score is joint)",
+         "retrieval", "embed/t2v/R@1"),
         ("text-to-video R@5 / R@10 (dual)", "retrieval", ("dual/t2v/R@5", "dual/t2v/R@10")),
         ("video-to-text R@1 (dual)", "retrieval", "dual/v2t/R@1"),
         ("multiple choice: all", "mc", "accuracy"),

@@ -273,10 +273,13 @@ def test_every_task_runs_a_perceiver_unchanged(clip_folder):
     video = model.encode_video(torch.stack([dataset[i]["video"] for i in range(6)]))
     texts, owners = dataset.texts()
     encoded = text(texts)
-    scores = model.similarity(video, model.encode_text(encoded["text_ids"],
-                                                       encoded["text_mask"])).t()  # T x V
+    captions = model.encode_text(encoded["text_ids"], encoded["text_mask"])
+    scores = model.similarity(video, captions).t()  # T x V
     hits = scores.argmax(dim=1) == torch.tensor(owners)
     assert result["dual/t2v/R@1"] == pytest.approx(100.0 * hits.float().mean().item())
+    # the decoder scores pairs; the separate encoders' embeddings are ranked beside it
+    embedded = (captions.embedding @ video.embedding.t()).argmax(dim=1) == torch.tensor(owners)
+    assert result["embed/t2v/R@1"] == pytest.approx(100.0 * embedded.float().mean().item())
     batch = Collator(text)([dataset[i] for i in range(3)])
     qa = VideoQAClassifier(model, num_answers=5)
     assert qa(batch["video"], batch["text_ids"], batch["text_mask"]).shape == (3, 5)

@@ -14,7 +14,8 @@
    ranks one big tie); recall@k for k <= rerank_k is the same either way.
 
 Both the dual-encoder-only metrics (``dual/...``) and the re-ranked ones (``rerank/...``) are
-returned. Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whose
+returned; a model whose ``similarity`` is not the dot product of its ``embedding``s (contract:
+``similarity_is_dot_product``) also gets ``embed/...``, the ranking by those embeddings alone. Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whose
 ``similarity`` already is its final score says so with ``needs_rerank = False`` (e.g. a
 mixed-stream Perceiver-VL, which scores every pair with its decoder); step 3 is then skipped
 and the ``dual/`` metrics are the model's metrics.
@@ -196,6 +197,12 @@ def paragraph_texts(dataset) -> tuple[list[str], list[int]]:
     return [" ".join(joined[v]) for v in videos], videos
 
 
+def _has_embeddings(video: VideoFeatures, text: TextFeatures) -> bool:
+    v, t = getattr(video, "embedding", None), getattr(text, "embedding", None)
+    return v is not None and t is not None and v.dim() == t.dim() == 2 \
+        and v.shape[-1] == t.shape[-1]
+
+
 def retrieval_from_features(model, video_feats: VideoFeatures, text_feats: TextFeatures,
                             text_to_video: Sequence[int], cfg_eval=None,
                             device: torch.device | str = "cpu", batch_size: int | None = None,
@@ -214,6 +221,13 @@ def retrieval_from_features(model, video_feats: VideoFeatures, text_feats: TextF
     final = not getattr(model, "needs_rerank", True)
     if final:
         results["rerank_skipped"] = "the model's similarity already is its final score"
+    if not getattr(model, "similarity_is_dot_product", True) and _has_embeddings(video_feats,
+                                                                              text_feats):
+        # a model that scores pairs jointly (e.g. mixed-stream Perceiver-VL) also reports what
+        # the dot product of its separate encoders' embeddings alone ranks
+        embedded = text_feats.embedding.float() @ video_feats.embedding.float().t()  # T x V
+        results.update({f"embed/{k}": v for k, v in
+                        retrieval_metrics(embedded.cpu(), text_to_video).items()})
     if cfg_eval.rerank_k and cfg_eval.rerank_k > 0 and not final:
         start = time.perf_counter()
         top, logits = rerank(model, text_feats, video_feats, sim, cfg_eval.rerank_k, True,
