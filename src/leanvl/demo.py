@@ -20,9 +20,10 @@ then pre-training with MLM + VTM + MVM on the tokenizer's codes (+ VTC on the un
 passes, for zero-shot retrieval), evaluated with the unimodal fast path re-ranked by VTM.
 
 ``--method perceiver_vl``: the same benchmark and evaluation around one pre-training stage of
-Perceiver-VL-tiny (VTM with swapped videos + MLM through the query decoder, LayerDrop on
-cross-attention), evaluated as a mixed-stream model (every test pair scored by the decoder over
-cached latents).
+Perceiver-VL-tiny (VTC on the separate encodings; VTM with swapped videos, half of them mined
+by VTC similarity, + MLM through the query decoder; LayerDrop off at this scale), evaluated as a
+mixed-stream model (every test pair scored by the decoder over cached latents), with the
+ranking by the separate encoders' embeddings printed beside it.
 
 Every method keeps a wall-clock budget (``budget`` minutes, 15 by default): after generating the
 benchmark the demo trains each stage for a few steps with the precision it will use, times a
