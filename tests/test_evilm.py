@@ -374,9 +374,19 @@ def test_multiple_choice_and_linear_probe_run_on_evilm(clip_folder):
                             for i in range(6)], root / "mc.jsonl")
     text = TextEncoder(max_len=12)
     model = create_model("evilm_tiny", vocab_size=text.vocab_size, losses=["vtm"]).eval()
-    result = evaluate_mc(model, build_dataset(mc, str(root), data, train=False, kind="mc"), text,
-                         EvalConfig(), batch_size=3, progress_bar=False)
-    assert result["num_items"] == 6 and 0 <= result["accuracy"] <= 100
+    dataset = build_dataset(mc, str(root), data, train=False, kind="mc")
+    result = evaluate_mc(model, dataset, text, EvalConfig(), batch_size=3, progress_bar=False)
+    # each item's options scored here through the public contract: the VTM logit of (clip, option)
+    options = text([f"clip number {j}" for j in range(3)])
+    hits = []
+    with torch.no_grad():
+        for i in range(6):
+            video = model.encode_video(dataset[i]["video"][None]).index(torch.zeros(3, dtype=int))
+            logits = model.match(video, model.encode_text(options["text_ids"],
+                                                          options["text_mask"]))
+            hits.append(int(logits.argmax()) == i % 3)
+    assert result["num_items"] == 6
+    assert result["accuracy"] == pytest.approx(100.0 * sum(hits) / 6)
     labelled = write_annotations([{"video": f"clip{i}.mp4", "label": str(i % 2)}
                                   for i in range(6)], root / "classes.jsonl")
     dataset = build_dataset(labelled, str(root), data, train=False, kind="classification")

@@ -355,8 +355,27 @@ def test_eval_retrieval_and_mc_run_the_converted_weights(released, tmp_path, cap
     assert metrics["dual/t2v/R@5"] == metrics["dual/v2t/R@5"] == 100.0
     assert main(["eval", "mc", *common, f"data.test={data / 'mc_test.jsonl'}"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    print(metrics)
-    assert 0.0 <= metrics["accuracy"] <= 100.0
+    # the same items scored here through the public contract, with the released input settings
+    from leanvl.data.datasets import build_dataset
+    from leanvl.engine.checkpoint import load_pretrained
+    from leanvl.tasks.build import build_text_encoder
+    from leanvl.tasks.search import input_config
+
+    model = load_pretrained(folder / "out").eval()
+    settings = input_config(folder / "out", [f"data.root={data}", "data.num_workers=0"])
+    items = build_dataset(data / "mc_test.jsonl", str(data), settings, train=False, kind="mc")
+    text = build_text_encoder(settings, model)
+    records = [json.loads(line) for line in (data / "mc_test.jsonl").read_text().splitlines()]
+    hits = []
+    with torch.no_grad():
+        for i, record in enumerate(records):
+            options = text(record["caption"])
+            video = model.encode_video(items[i]["video"][None])
+            logits = model.match(video.index(torch.zeros(len(record["caption"]), dtype=int)),
+                                 model.encode_text(options["text_ids"], options["text_mask"]))
+            hits.append(int(logits.argmax()) == record["answer"])
+    assert metrics["num_items"] == len(records) == 4
+    assert metrics["accuracy"] == pytest.approx(100.0 * sum(hits) / len(hits))
 
 
 def test_official_variant_trains_and_scores_in_the_other_streams_too():
