@@ -37,6 +37,13 @@ def codebook_curve(stage: Path, every: int) -> list[dict]:
     return picked
 
 
+def steps_taken(stage: Path) -> int:
+    """The steps a demo stage really trained (its budget may have cut the preset short)."""
+    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    return max(int(r["step"]) for r in records if "step" in r)
+
+
 def usage_on_test(tokenizer: Path, root: Path, cfg) -> dict:
     """Codebook statistics of the released tokenizer over the retrieval test clips."""
     from leanvl.engine.checkpoint import load_pretrained
@@ -59,18 +66,20 @@ def main() -> None:
             raise SystemExit(f"{needed} is missing: run the E-ViLM demo into {demo} first")
     timings: dict[str, float] = {}
 
-    # tokenizer without dead-code restarts, same recipe otherwise
+    # tokenizer without dead-code restarts, same recipe and steps otherwise
     cfg = _stage_config("demo_evilm_tokenizer", demo / "evilm_tokenizer_no_restart", root,
-                        ["model.kwargs.restart_every=0"])
+                        ["model.kwargs.restart_every=0",
+                         f"train.max_steps={steps_taken(demo / 'evilm_tokenizer')}"])
     no_restart = _train_stage("tokenizer without restarts", cfg, timings, progress=False)
     curves = {"restarts (demo)": codebook_curve(demo / "evilm_tokenizer", args.every),
               "no restarts": codebook_curve(demo / "evilm_tokenizer_no_restart", args.every)}
     usage = {"restarts (demo)": usage_on_test(demo / "evilm_tokenizer" / "model", root, cfg),
              "no restarts": usage_on_test(no_restart, root, cfg)}
 
-    # E-ViLM without MVM, the demo's recipe and budget otherwise
+    # E-ViLM without MVM, the demo's recipe and steps otherwise
     cfg = _stage_config("demo_evilm", demo / "evilm_no_mvm", root,
-                        ["model.kwargs.losses=[vtc,vtm,mlm]"])
+                        ["model.kwargs.losses=[vtc,vtm,mlm]",
+                         f"train.max_steps={steps_taken(demo / 'evilm')}"])
     without = _train_stage("E-ViLM without MVM", cfg, timings, progress=False)
     results = {"with MVM (demo)": evaluate_all(demo / "evilm" / "model", root, cfg, False),
                "without MVM": evaluate_all(without, root, cfg, False)}
@@ -104,9 +113,9 @@ def main() -> None:
                         f"{timings['E-ViLM without MVM']:.0f}"])
     body = (
         "E-ViLM-tiny on the synthetic benchmark (the demo's recipe: 96-pixel frames, 4 frames, "
-        "3 x 3 EdgeNeXt cells per frame and one tokenizer code per cell). Shared 2-core AMD "
-        "EPYC (avx512_bf16), bf16 autocast; other jobs ran beside these, so times are upper "
-        "bounds.\n\n"
+        "3 x 3 EdgeNeXt cells per frame and one tokenizer code per cell), each comparison run "
+        "as many steps as the demo's stage took within its 15-minute budget. 2-core AMD EPYC "
+        "(avx512_bf16), bf16 autocast.\n\n"
         "**Tokenizer codebook over training** (512 codes; utilisation % / perplexity of the "
         "batch's codes as logged: utilisation counts the codes chosen in the last "
         "`dead_after`=20 steps):\n\n"

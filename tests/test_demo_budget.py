@@ -77,9 +77,10 @@ def test_warmup_keeps_its_share_of_the_run():
     assert plans[0].warmup_steps == round(fraction * 195) == warmup_steps(195, fraction)
 
 
-def test_evaluation_is_extrapolated_linearly():
-    # 3 s at 2% of the items, 7 s at 6%: 1 s fixed plus 100 s per 100%
-    assert eval_seconds((0.02, 3.0), (0.06, 7.0)) == pytest.approx(101.0)
+def test_evaluation_is_scaled_from_its_slice():
+    # 12.8 s for 12.8% of the items: 100 s for all of them
+    assert eval_seconds(0.128, 12.8) == pytest.approx(100.0)
+    assert eval_seconds(1.0, 3.0) == pytest.approx(3.0)  # a benchmark smaller than the slice
 
 
 def test_stored_plan_is_used_only_for_the_same_settings(tmp_path):
