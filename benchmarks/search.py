@@ -3,12 +3,13 @@
 1. Index ``retrieval_test.jsonl`` with the model (float32 rows) and time it (clips/s).
 2. For every test caption, compare ``leanvl search``'s top 10 with the top 10 of
    ``leanvl eval retrieval``'s dual-encoder score matrix (``evaluate_retrieval``,
-   ``return_scores``); the same with the rows cast to float16 (the index's default storage),
+   ``return_scores``) with the index's default float32 rows; the same with the rows cast to
+   float16 (``--dtype float16``),
    where any difference is reported with the float32 score gap of the swapped pair.
 3. Query latency: one caption at a time, end to end (tokenise, encode the text, search) and the
    vector search alone.
 4. A 1,000,000-row index of random unit vectors of the model's embedding width, written and
-   loaded as ``leanvl index`` writes it (float16): load time and query latency.
+   loaded as ``leanvl index`` writes it (float32 by default): load time and query latency.
 5. Re-indexing a folder of clips after adding one clip: how many clips were encoded.
 
     python benchmarks/search.py --synth /tmp/synth --model runs/stage2/model [--workers 1]
@@ -80,9 +81,9 @@ def million_rows(width: int, rows: int, folder: Path, repeats: int) -> dict[str,
     generator = torch.Generator().manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(rows, width, generator=generator), dim=1)
     meta = {"format": search_module.INDEX_FORMAT, "model": {}, "input": {}, "window": None,
-            "stride": None, "mode": "embedding", "dtype": "float16", "feature_class": None,
+            "stride": None, "mode": "embedding", "dtype": "float32", "feature_class": None,
             "files": [{"path": "random", "first": 0, "count": rows}], "skipped": []}
-    tensors = {"embedding": vectors.half(), "start": torch.zeros(rows, dtype=torch.float64),
+    tensors = {"embedding": vectors, "start": torch.zeros(rows, dtype=torch.float64),
                "end": torch.ones(rows, dtype=torch.float64),
                "whole": torch.ones(rows, dtype=torch.uint8),
                "file": torch.zeros(rows, dtype=torch.int32)}
@@ -127,7 +128,7 @@ def parity(model_path: str, synth: Path, out: Path, workers: int):
     searcher = Searcher(out, model=model)
     differ32, gap32 = compare_top(searcher.search(texts, k=10), expected, paths, dual)
     index = searcher.index
-    if index.mode == "embedding":  # float16 storage, as the default writes it
+    if index.mode == "embedding":  # float16 storage, as --dtype float16 writes it
         index.embedding = index.embedding.half().float()
     else:
         for key, value in index.tensors.items():
@@ -160,7 +161,7 @@ def main() -> None:
         if args.features_model:
             other = parity(args.features_model, synth, work / "features_index", args.workers)
 
-        # 3. query latency (float16 rows, as stored by default)
+        # 3. query latency (float32 in memory, whatever the storage)
         one = texts[:args.repeats]
         position = iter(range(10**9))
         end_to_end = latency_ms(lambda: searcher.search([one[next(position) % len(one)]],
@@ -199,7 +200,7 @@ def main() -> None:
         ["captions whose top 10 equals eval retrieval's dual top 10 (float32 rows)",
          f"{len(texts) - differ32} / {len(texts)}"
          + (f" (largest float32 gap of a swapped pair {gap32:.2e})" if differ32 else "")],
-        ["the same with float16 rows (the default storage)",
+        ["the same with float16 rows (`--dtype float16`)",
          f"{len(texts) - differ16} / {len(texts)}"
          + (f" (largest float32 gap of a swapped pair {gap16:.2e})" if differ16 else "")],
         *([[f"{other[9].registry_name} ({other[0].windows} clips, mode "
@@ -210,7 +211,7 @@ def main() -> None:
         [f"query latency, end to end (tokenise, encode the text, search {len(dataset):,} rows)",
          f"{end_to_end:.1f} ms"],
         [f"query latency, vector search alone ({len(dataset):,} rows)", f"{vector:.2f} ms"],
-        [f"random index: {big['rows']:,} rows x {big['width']} (float16 on disk)",
+        [f"random index: {big['rows']:,} rows x {big['width']} (float32 on disk)",
          f"{big['MiB']:.0f} MiB, loaded in {big['load_s']:.1f} s"],
         ["random index: query latency (exact torch search, top 10)",
          f"{big['query_ms']:.1f} ms"],

@@ -311,8 +311,9 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--workers", type=int, help="decoding processes (default: cores - 1)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: the cores left beside the workers)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
-                   help="how embeddings are stored (default float16)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float32",
+                   help="how embeddings are stored (default float32: search ranks exactly as "
+                   "`leanvl eval retrieval`; float16 halves the index on disk)")
     p.add_argument("--rebuild", action="store_true",
                    help="re-encode everything (needed when the model or settings change)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

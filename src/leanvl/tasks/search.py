@@ -11,7 +11,7 @@ by ``model.encode_video``. A video that is one clip is read exactly as ``leanvl 
 - ``index.json``: the model (path, name, weights fingerprint), its input settings, the window,
   how videos are scored (``mode``), each file with its fingerprint (size, mtime and a hash of
   its first and last 64 KiB) and its rows, and the files skipped as corrupt with the reason;
-- ``vectors-<id>.safetensors``: one row per window: ``embedding`` (float16 by default, not
+- ``vectors-<id>.safetensors``: one row per window: ``embedding`` (float32 by default, not
   renormalised), ``start`` / ``end`` seconds, ``file`` (row of ``files``), ``whole``
   (1 = the whole video, read without start/end).
 
@@ -390,7 +390,7 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
                 out: str | os.PathLike, *, root: str | os.PathLike | None = None,
                 window: float | None = None, stride: float | None = None,
                 overrides: Sequence[str] = (), batch_size: int = 16,
-                num_workers: int | None = None, dtype: str = "float16", rebuild: bool = False,
+                num_workers: int | None = None, dtype: str = "float32", rebuild: bool = False,
                 device: torch.device | str | None = None, progress: bool = True,
                 threads: int = 0, model=None) -> IndexReport:
     """Index the videos of ``source`` (a folder or an annotation file) into the folder ``out``
