@@ -37,6 +37,28 @@ def pretrain_batch(batch_size: int = 4, frames: int = 2, size: int = 32, length:
             "text_mask": torch.ones_like(text_ids), "index": torch.arange(batch_size)}
 
 
+def truncated_faststart_mp4(path, size: int, frames: int, keep: float = 0.7):
+    """An mp4 whose header (moov, written up front) survives but whose frames are cut: noise
+    frames (each costs bytes, so the cut loses frames) encoded to a temporary file beside
+    ``path``, of which the first ``keep`` of the bytes are written to ``path``."""
+    import av
+
+    full = path.with_name(f"full_{path.name}")
+    rng = np.random.default_rng(0)
+    with av.open(str(full), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            frame = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = full.read_bytes()
+    full.unlink()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def ramp_frames(num_frames: int = 8, height: int = 32, width: int = 48, offset: int = 0) -> np.ndarray:
     """Frames whose brightness encodes their index (frame t is about 20*t + offset)."""
     frames = np.zeros((num_frames, height, width, 3), np.uint8)

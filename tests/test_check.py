@@ -2,13 +2,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
-
 from leanvl.cli import main
 from leanvl.data.annotations import load_annotations
 from leanvl.data.check import check_annotations
 from leanvl.data.video import write_video
-from tests.conftest import ramp_frames
+from tests.conftest import ramp_frames, truncated_faststart_mp4
 
 
 def _broken_folder(root):
@@ -47,20 +45,7 @@ def test_check_lists_all_four_problems_by_name_and_exits_non_zero(tmp_path, caps
 
 def test_truncated_with_index_up_front_is_reported_as_truncated(tmp_path):
     # A file whose header survives but whose frames were cut off.
-    import av
-
-    path = tmp_path / "front.mp4"
-    rng = np.random.default_rng(0)  # noise: every frame costs bytes, so a cut loses frames
-    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for _ in range(48):
-            frame = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    data = path.read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.7)])
+    truncated_faststart_mp4(tmp_path / "cut.mp4", size=64, frames=48)
     (tmp_path / "a.json").write_text(json.dumps([{"video": "cut.mp4", "caption": "x"}]))
     report = check_annotations(tmp_path / "a.json", tmp_path, workers=1, progress=False)
     assert [p.kind for p in report.problems] == ["truncated"]

@@ -275,20 +275,24 @@ def _tiny_official(name: str, keep_blocks: int = 4, keep_heads: int = 2) -> dict
     return state
 
 
-def _save_official(state: dict, path: Path) -> Path:
-    torch.save({"model": state} if path.suffix == ".pth" else state, path)
-    return path
+def _convert_official(kind: str, keys: str, source: Path, out: Path, capsys) -> dict:
+    """Tiny random weights with the official names of ``keys``, saved as the authors ship them
+    (under "model" in a .pth) at ``source`` and converted by ``leanvl convert KIND`` into
+    ``out``, every tensor written; returns the official state."""
+    official = _tiny_official(keys)
+    torch.save({"model": official} if source.suffix == ".pth" else official, source)
+    assert main(["convert", kind, str(source), str(out), "--allow-pickle"]) == 0
+    assert _json_out(capsys)["tensors"] == len(official)
+    return official
 
 
 def test_convert_umt_stage1_gives_weights_a_umt_model_starts_from(tmp_path, capsys):
     from leanvl.config import ModelConfig
     from leanvl.tasks.build import build_model
 
-    official = _tiny_official("umt_pretrain_b16_keys.txt")
-    source = _save_official(official, tmp_path / "umt_stage1.pth")
     out = tmp_path / "stage1.safetensors"
-    assert main(["convert", "umt-stage1", str(source), str(out), "--allow-pickle"]) == 0
-    assert _json_out(capsys)["tensors"] == len(official)
+    official = _convert_official("umt-stage1", "umt_pretrain_b16_keys.txt",
+                                 tmp_path / "umt_stage1.pth", out, capsys)
     model = build_model(ModelConfig(name="umt_tiny", pretrained=str(out),
                                     kwargs={"stage": 1, "teacher": "tiny"}))
     assert torch.equal(model.video_encoder.blocks[3].attn.qkv.weight,
@@ -299,11 +303,9 @@ def test_convert_umt_stage1_gives_weights_a_umt_model_starts_from(tmp_path, caps
 def test_convert_umt_finetune_gives_a_classifier_state(tmp_path, capsys):
     from safetensors.torch import load_file
 
-    official = _tiny_official("umt_finetune_b16_keys.txt")
-    source = _save_official(official, tmp_path / "k400.pth")
     out = tmp_path / "k400.safetensors"
-    assert main(["convert", "umt-finetune", str(source), str(out), "--allow-pickle"]) == 0
-    assert _json_out(capsys)["tensors"] == len(official)
+    official = _convert_official("umt-finetune", "umt_finetune_b16_keys.txt",
+                                 tmp_path / "k400.pth", out, capsys)
     state = load_file(str(out))
     assert torch.equal(state["model.video_encoder.blocks.2.mlp.fc2.weight"],
                        official["blocks.2.mlp.fc2.weight"])
@@ -314,11 +316,9 @@ def test_convert_umt_finetune_gives_a_classifier_state(tmp_path, capsys):
 def test_convert_clip_visual_gives_a_teacher_file(tmp_path, capsys):
     from leanvl.models.teachers import CLIPVisionTeacher
 
-    official = _tiny_official("openai_clip_vit_b16_visual_keys.txt")
-    source = _save_official(official, tmp_path / "ViT-tiny.pt")
     out = tmp_path / "clip_tiny.safetensors"
-    assert main(["convert", "clip-visual", str(source), str(out), "--allow-pickle"]) == 0
-    assert _json_out(capsys)["tensors"] == len(official)
+    official = _convert_official("clip-visual", "openai_clip_vit_b16_visual_keys.txt",
+                                 tmp_path / "ViT-tiny.pt", out, capsys)
     teacher = CLIPVisionTeacher.from_file(str(out), return_layers=2)
     assert teacher.out_dim == 128
     state = teacher.state_dict()

@@ -14,7 +14,7 @@ from leanvl.config import load_config
 from leanvl.data.video import write_video
 from leanvl.tasks import search as search_module
 from leanvl.tasks.search import Searcher, VideoIndex, build_index, window_bounds
-from tests.conftest import ramp_frames
+from tests.conftest import ramp_frames, truncated_faststart_mp4
 
 SETTINGS = ["data.num_frames=2", "data.size=32", "data.max_text_len=16"]
 
@@ -84,22 +84,9 @@ def test_corrupt_files_are_skipped_counted_and_named(tmp_path, umt_model, umt_lo
 
 
 def test_truncated_file_with_its_header_up_front_is_skipped(tmp_path, umt_model, umt_loaded):
-    import av
-
     videos = tmp_path / "videos"
     _clips(videos, 2)
-    rng = np.random.default_rng(0)  # noise: every frame costs bytes, so a cut loses frames
-    path = tmp_path / "front.mp4"
-    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = 32
-        stream.pix_fmt = "yuv420p"
-        for _ in range(24):
-            frame = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    data = path.read_bytes()
-    (videos / "cut.mp4").write_bytes(data[: int(len(data) * 0.7)])
+    truncated_faststart_mp4(videos / "cut.mp4", size=32, frames=24)
     report = _index(videos, umt_model, tmp_path / "index", model=umt_loaded)
     assert report.files == 2
     assert [(p.where.rsplit("/", 1)[1], p.kind) for p in report.skipped] == \
