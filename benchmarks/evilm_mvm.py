@@ -25,12 +25,16 @@ from _report import table, update_section  # noqa: E402
 from leanvl.demo import _stage_config, _train_stage, evaluate_all  # noqa: E402
 
 
+def logged(stage: Path) -> list[dict]:
+    """The records of a stage's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
 def codebook_curve(stage: Path, every: int) -> list[dict]:
     """The logged codebook utilisation / perplexity of a tokenizer run, every ``every`` steps
     (and the last record)."""
-    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    records = [r for r in records if "metric/codebook_utilisation" in r]
+    records = [r for r in logged(stage) if "metric/codebook_utilisation" in r]
     picked = [r for r in records if r["step"] % every == 0]
     if records and (not picked or picked[-1]["step"] != records[-1]["step"]):
         picked.append(records[-1])
@@ -39,9 +43,7 @@ def codebook_curve(stage: Path, every: int) -> list[dict]:
 
 def steps_taken(stage: Path) -> int:
     """The steps a demo stage really trained (its budget may have cut the preset short)."""
-    records = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    return max(int(r["step"]) for r in records if "step" in r)
+    return max(int(r["step"]) for r in logged(stage) if "step" in r)
 
 
 def usage_on_test(tokenizer: Path, root: Path, cfg) -> dict:

@@ -601,10 +601,9 @@ class PerceiverVL(VideoLanguageModel):
             text_embedding = self.pooled_embedding(vtc_text, self.text_proj)
             losses["vtc"] = vtc_loss(video_embedding, text_embedding, self.temperature,
                                      ids=batch.get("index"))
-            if self.vtm_negatives != "random" and swap.any():
-                hard = swap
-                if self.vtm_negatives == "mixed":  # half of the swapped samples, at random
-                    hard = swap & (torch.rand(size, device=swap.device) < 0.5)
+            hard = swap if self.vtm_negatives != "mixed" else \
+                swap & (torch.rand(size, device=swap.device) < 0.5)  # half of them, at random
+            if self.vtm_negatives != "random" and hard.any():
                 source = self._hard_sources(hard, source, video_embedding, text_embedding,
                                             batch.get("index"))
         if self.stream == "single":
