@@ -407,3 +407,46 @@ def test_mixed_vtm_negatives_mine_half_of_the_swapped_samples(monkeypatch):
     assert 0.3 < hard.float().mean().item() < 0.7
     with pytest.raises(ValueError, match="vtm_negatives"):
         small(vtm_negatives="semi")
+
+
+def test_triplet_vtm_scores_every_pair_with_a_mined_caption_and_video(monkeypatch):
+    import leanvl.losses as losses_module
+
+    model = small(losses=["vtc", "vtm", "mlm"], vtm_negatives="triplets")
+    drawn, scored = [], []
+    sample = losses_module.sample_hard_negatives
+
+    def spy_sample(similarity, ids=None, generator=None):
+        drawn.append(sample(similarity, ids=ids, generator=generator))
+        return drawn[-1]
+
+    match = model.match
+
+    def spy_match(video, text):
+        scored.append((video.tokens, text.latents, match(video, text)))
+        return scored[-1][2]
+
+    monkeypatch.setattr(losses_module, "sample_hard_negatives", spy_sample)
+    monkeypatch.setattr(model, "match", spy_match)
+    size = 6
+    losses = model.pretrain_losses(batch(size=size))
+    assert set(losses) == {"vtc", "vtm", "mlm"}
+    [(negative_text, negative_video)] = drawn
+    rows = torch.arange(size)
+    assert (negative_text != rows).all() and (negative_video != rows).all()
+    (video, text, positive), (video_1, text_1, hard_text), (video_2, text_2, hard_video) = scored
+    assert torch.equal(video_1, video) and torch.equal(text_1, text[negative_text])
+    assert torch.equal(video_2, video[negative_video]) and torch.equal(text_2, text)
+    logits = torch.cat([positive, hard_text, hard_video]).float()
+    labels = torch.cat([torch.ones(size), torch.zeros(2 * size)])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    torch.testing.assert_close(losses["vtm"], expected)
+    losses["vtm"].backward()
+    assert model.vtm_head.weight.grad.abs().sum() > 0
+    assert model.decoder.attn.q.weight.grad.abs().sum() > 0
+    # a batch whose captions all belong to one clip has no negative: positives only
+    same = batch(size=4)
+    same["index"] = torch.zeros(4, dtype=torch.long)
+    assert model.pretrain_losses(same)["vtm"].isfinite()
+    with pytest.raises(ValueError, match="stream=mixed"):
+        small(stream="single", losses=["vtc", "vtm", "mlm"], vtm_negatives="triplets")
