@@ -198,6 +198,41 @@ def test_trainer_shortens_its_run_to_the_pace_of_its_steps(tmp_path, monkeypatch
     assert cosine_lr_at(result["step"] - 1, cfg) > min_lr + 0.3 * (lr - min_lr)
 
 
+def test_pace_changes_are_reported_once_per_two_percent_of_the_run(tmp_path, monkeypatch,
+                                                                       caplog):
+    """Steps that slow down a little each time move the run's end a step at a time: the lr
+    schedule follows every move (each noted at DEBUG), the log reports one at INFO each time the
+    end has moved by more than 2% of the run."""
+    import logging
+    import types
+
+    from leanvl.engine import trainer as trainer_module
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def fake_time():
+        clock["calls"] += 1
+        clock["now"] += 0.5 * (1 + 0.004 * clock["calls"])  # two reads per step, each slower
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module, "time",
+                        types.SimpleNamespace(time=fake_time, perf_counter=time_perf_counter))
+    cfg = toy_config(tmp_path, ["train.epochs=34", "train.log_every=1000",
+                                "train.save_every=0"])
+    loader = make_loader(ToyDataset(), 4, collate, train=True, seed=0)
+    trainer = Trainer(cfg, ToyModel(), loader, device="cpu", progress=False, stop_at=300.0)
+    with caplog.at_level(logging.DEBUG, logger="leanvl.engine.trainer"):
+        result = trainer.fit()
+    planned = trainer.planned_steps
+    moves = [(int(r.getMessage().split("ends at step ")[1].split()[0]), r.levelno)
+             for r in caplog.records if "steps fit before stop_at" in r.getMessage()]
+    reported = [end for end, level in moves if level == logging.INFO]
+    assert result["shortened"] and result["step"] == moves[-1][0]
+    assert len(moves) > 2 * len(reported) > 0
+    for before, after in zip([planned, *reported], reported):
+        assert abs(after - before) > planned // 50
+
+
 def time_perf_counter() -> float:
     """The real monotonic clock (step times), beside the fake wall clock."""
     import time

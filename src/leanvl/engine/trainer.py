@@ -159,6 +159,7 @@ class Trainer:
         self.stop_at = stop_at
         self.stopped_early = False
         self._pace_from: tuple[int, float] | None = None  # (step, time) the pace counts from
+        self._pace_logged: int | None = None  # the run length last reported at INFO
 
         if self.train_cfg.activation_checkpointing:
             setter = getattr(model, "set_grad_checkpointing", None)
@@ -645,9 +646,14 @@ class Trainer:
         if self.total_steps <= target <= self.total_steps + self.planned_steps // 50:
             return  # lengthen only by more than 2% of the run, so the end does not wobble
         self.scheduler.lr_lambdas[0].shorten(self.step, target)  # one factor for every group
-        log.info("at %.2f s per step, %d steps fit before stop_at: the run now ends at step %d "
-                 "of %d (the lr schedule compressed to match)", pace, fit, target,
-                 self.planned_steps)
+        # a noisy machine moves the end by a step or two at a time: say so once per 2% of the run
+        last = self._pace_logged if self._pace_logged is not None else self.planned_steps
+        level = logging.INFO if abs(target - last) > self.planned_steps // 50 else logging.DEBUG
+        log.log(level, "at %.2f s per step, %d steps fit before stop_at: the run now ends at "
+                "step %d of %d (the lr schedule compressed to match)", pace, fit, target,
+                self.planned_steps)
+        if level == logging.INFO:
+            self._pace_logged = target
         self.total_steps = target
         bar.set_total(target)
 
