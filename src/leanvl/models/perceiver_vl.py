@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanvl.engine.precision import full_precision
-from leanvl.losses import hard_negative_vtm_loss, mlm_loss, vtc_loss, vtm_loss
+from leanvl.losses import mlm_loss, vtc_loss
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
 from leanvl.models.registry import register_model
 from leanvl.nn.attention import QuickGELU
@@ -87,10 +87,8 @@ ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 #: losses each stream trains by default (the paper pre-trains VTM + MLM; multi-stream is a
 #: dual encoder and needs a contrastive loss to be usable)
 DEFAULT_LOSSES = {"single": ("vtm", "mlm"), "mixed": ("vtm", "mlm"), "multi": ("vtc", "mlm")}
-#: VTM's negatives: swapped videos drawn uniformly (the paper), by VTC similarity (UMT's mining)
-#: or half each; or ``triplets``: no swap, every pair plus a mined video and a mined caption per
-#: pair through the decoder (UMT's and SMAUG's VTM, ``losses.hard_negative_vtm_loss``)
-VTM_NEGATIVES = ("random", "hard", "mixed", "triplets")
+#: how VTM's swapped videos are drawn: uniformly, by VTC similarity (UMT's mining), or half each
+VTM_NEGATIVES = ("random", "hard", "mixed")
 VIDEO, TEXT = 0, 1  # modality / stream embedding rows
 
 
@@ -301,9 +299,6 @@ class PerceiverVL(VideoLanguageModel):
         if vtm_negatives != "random" and not {"vtc", "vtm"} <= set(self.losses):
             raise ValueError(f"vtm_negatives={vtm_negatives!r} draws VTM negatives by VTC "
                              "similarity: train with losses including vtc and vtm")
-        if vtm_negatives == "triplets" and stream != "mixed":
-            raise ValueError("vtm_negatives='triplets' scores mined pairs with the mixed-stream "
-                             f"decoder over cached encodings: use stream=mixed (got {stream!r})")
         self.vtm_negatives = vtm_negatives
         bad = set(self.losses) - set(LOSSES)
         if bad:
@@ -576,8 +571,7 @@ class PerceiverVL(VideoLanguageModel):
         device = ids.device
         swap = torch.zeros(size, dtype=torch.bool, device=device)
         source = torch.arange(size, device=device)
-        triplets = self.vtm_negatives == "triplets"
-        if "vtm" in self.losses and size > 1 and not triplets:
+        if "vtm" in self.losses and size > 1:
             swap = torch.rand(size, device=device) < self.vtm_swap_prob
             shift = torch.randint(1, size, (size,), device=device)
             source = torch.where(swap, (source + shift) % size, source)
@@ -609,13 +603,9 @@ class PerceiverVL(VideoLanguageModel):
                                      ids=batch.get("index"))
             hard = swap if self.vtm_negatives != "mixed" else \
                 swap & (torch.rand(size, device=swap.device) < 0.5)  # half of them, at random
-            if self.vtm_negatives in ("hard", "mixed") and hard.any():
+            if self.vtm_negatives != "random" and hard.any():
                 source = self._hard_sources(hard, source, video_embedding, text_embedding,
                                             batch.get("index"))
-            if triplets and size > 1:
-                losses["vtm"] = self._triplet_vtm(video_latents, video_embedding, text_inputs,
-                                                  text_mask, text_latents, text_embedding,
-                                                  batch.get("index"))
         if self.stream == "single":
             context = self.encode_inputs({
                 "video": (video_inputs[source], None if video_mask is None else
@@ -625,8 +615,7 @@ class PerceiverVL(VideoLanguageModel):
             context = self.mixed_context(video_latents[source], text_latents)
         else:  # multi: MLM reads the text's own latents
             context = text_latents + self.stream_embed.weight[TEXT]
-        want_vtm = "vtm" in self.losses and not triplets  # triplets: scored above
-        want_mlm = "mlm" in self.losses
+        want_vtm, want_mlm = "vtm" in self.losses, "mlm" in self.losses
         if not (want_vtm or want_mlm):
             return losses
         queries = [self.query_cls.expand(size, -1, -1)] if want_vtm else []
@@ -643,21 +632,6 @@ class PerceiverVL(VideoLanguageModel):
             keep = predicted & ~swap[:, None]
             losses["mlm"] = mlm_loss(self.mlm_head(out[keep]), labels[keep])
         return losses
-
-    def _triplet_vtm(self, video_latents: torch.Tensor, video_embedding: torch.Tensor,
-                     text_inputs: torch.Tensor, text_mask: torch.Tensor,
-                     text_latents: torch.Tensor, text_embedding: torch.Tensor,
-                     ids: torch.Tensor | None) -> torch.Tensor:
-        """VTM on the B pairs, plus for each video a caption and for each caption a video mined
-        by VTC similarity, each pair through the mixed-stream decoder (``self.match``); a batch
-        in which some sample has no other video scores its positives only."""
-        video = PerceiverVideoFeatures(tokens=video_latents, embedding=video_embedding)
-        text = PerceiverTextFeatures(tokens=text_inputs, mask=text_mask,
-                                     embedding=text_embedding, latents=text_latents)
-        if ids is not None and (ids.view(-1, 1) == ids.view(1, -1)).all(dim=1).any():
-            positive = self.match(video, text)
-            return vtm_loss(positive, positive[:0])
-        return hard_negative_vtm_loss(self.match, video, text, ids)
 
     def _hard_sources(self, swap: torch.Tensor, source: torch.Tensor,
                       video_embedding: torch.Tensor, text_embedding: torch.Tensor,
