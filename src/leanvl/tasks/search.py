@@ -402,6 +402,7 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
     from tqdm.auto import tqdm
 
     from leanvl.tasks.build import configure_threads
+    from leanvl.tasks.common import progress as progress_bar
 
     begin = time.perf_counter()
     if dtype not in DTYPES:
@@ -468,8 +469,8 @@ def build_index(source: str | os.PathLike, model_path: str | os.PathLike,
     probe_files = [MediaFile(files[i]["path"], files[i]["image"]) for i in todo]
     loader = DataLoader(_Probes(probe_files), batch_size=1, collate_fn=_first,
                         num_workers=num_workers if len(probe_files) > 1 else 0)
-    for item in tqdm(loader, desc="probe", total=len(probe_files), leave=False,
-                     disable=not progress or not probe_files):
+    for item in progress_bar(loader, "probe", total=len(probe_files),
+                             enabled=progress and bool(probe_files)):
         row = todo[item["index"]]
         if "error" in item:
             errors[row] = item["error"]
