@@ -121,6 +121,35 @@ def test_trainer_stops_at_its_deadline(tmp_path):
     assert result["checkpoint"] is not None  # the stopped run is saved and resumable
 
 
+def test_results_table_shows_the_rows_of_the_scores_a_model_has():
+    """Re-ranked rows only for a model whose similarity is not its final score; the separate
+    encoders' row whenever retrieval reports it; video-to-text once either way."""
+    from leanvl.demo import results_table
+
+    dual = {"dual/t2v/R@1": 1.0, "dual/t2v/R@5": 2.0, "dual/t2v/R@10": 3.0,
+            "dual/v2t/R@1": 4.0, "num_videos": 10, "unique_caption_fraction": 1.0}
+    reranked = {"rerank/t2v/R@1": 5.0, "rerank/t2v/R@5": 6.0, "rerank/t2v/R@10": 7.0,
+                "rerank/v2t/R@1": 8.0, "rerank_k": 8}
+    embed = {"embed/t2v/R@1": 9.0, "embed/t2v/R@5": 10.0, "embed/t2v/R@10": 11.0}
+    final = {"rerank_skipped": "the model's similarity already is its final score"}
+
+    def rows(retrieval):
+        table = results_table({"retrieval": retrieval, "mc": {"accuracy": 20.0},
+                               "qa": {"accuracy": 5.0}}, {})
+        return dict(line.split("  ", 1) for line in table.splitlines())
+
+    for retrieval, has_rerank, has_embed in [({**dual, **final}, False, False),
+                                             ({**dual, **final, **embed}, False, True),
+                                             ({**dual, **reranked}, True, False),
+                                             ({**dual, **reranked, **embed}, True, True)]:
+        table = rows(retrieval)
+        labels = [label.strip() for label in table]
+        assert sum(label.startswith("video-to-text R@1") for label in labels) == 1
+        assert any("re-ranked" in label for label in labels) == has_rerank
+        embedded = [value.strip() for label, value in table.items() if "embeddings" in label]
+        assert embedded == (["9.0 / 10.0 / 11.0"] if has_embed else [])
+
+
 def test_demo_precision_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("LEANVL_DEMO_PRECISION", "fp32")

@@ -292,10 +292,6 @@ def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:
     ]
     if final:
         rows.append(("video-to-text R@1", f"{r['dual/v2t/R@1']:.1f}"))
-    if "embed/t2v/R@1" in r:
-        rows.append(("text-to-video R@1 / R@5 / R@10 (separate encoders' embeddings)",
-                     f"{r['embed/t2v/R@1']:.1f} / {r['embed/t2v/R@5']:.1f} / "
-                     f"{r['embed/t2v/R@10']:.1f}"))
     else:
         rows += [
             (f"text-to-video R@1 / R@5 / R@10 (re-ranked, k={r.get('rerank_k', '-')})",
@@ -304,6 +300,10 @@ def results_table(results: dict[str, Any], timings: dict[str, float]) -> str:
             ("video-to-text R@1 (dual / re-ranked)",
              f"{r['dual/v2t/R@1']:.1f} / {r.get('rerank/v2t/R@1', float('nan')):.1f}"),
         ]
+    if "embed/t2v/R@1" in r:
+        rows.append(("text-to-video R@1 / R@5 / R@10 (separate encoders' embeddings)",
+                     f"{r['embed/t2v/R@1']:.1f} / {r['embed/t2v/R@5']:.1f} / "
+                     f"{r['embed/t2v/R@10']:.1f}"))
     rows += [
         ("retrieval test clips (unique captions)",
          f"{r['num_videos']} ({100 * r['unique_caption_fraction']:.1f}%)"),
