@@ -159,7 +159,6 @@ class Trainer:
         self.stop_at = stop_at
         self.stopped_early = False
         self._pace_from: tuple[int, float] | None = None  # (step, time) the pace counts from
-        self._pace_logged: int | None = None  # the run length last reported at INFO
 
         if self.train_cfg.activation_checkpointing:
             setter = getattr(model, "set_grad_checkpointing", None)
@@ -175,6 +174,7 @@ class Trainer:
         self.batches_per_epoch = self._batches_per_epoch(train_loader)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = self._plan()
         self.planned_steps = self.total_steps  # what the config asks for; stop_at may shorten
+        self._pace_logged = self.planned_steps  # the run length last reported at INFO
 
         self.precision = resolve_precision(self.train_cfg.precision, self.device)
         self.scaler = make_grad_scaler(self.precision, self.device)
@@ -643,16 +643,17 @@ class Trainer:
         fit = self.step + max(0, math.floor((self.stop_at - now) / pace))
         # rank 0's clock decides for every rank
         target = int(dist_utils.broadcast_object(min(self.planned_steps, fit)))
-        if self.total_steps <= target <= self.total_steps + self.planned_steps // 50:
-            return  # lengthen only by more than 2% of the run, so the end does not wobble
+        margin = self.planned_steps // 50  # 2% of the run
+        if self.total_steps <= target <= self.total_steps + margin:
+            return  # lengthen only by more than the margin, so the end does not wobble
         self.scheduler.lr_lambdas[0].shorten(self.step, target)  # one factor for every group
-        # a noisy machine moves the end by a step or two at a time: say so once per 2% of the run
-        last = self._pace_logged if self._pace_logged is not None else self.planned_steps
-        level = logging.INFO if abs(target - last) > self.planned_steps // 50 else logging.DEBUG
+        # a noisy machine moves the end by a step or two at a time: say so once per margin
+        moved = abs(target - self._pace_logged) > margin
+        level = logging.INFO if moved else logging.DEBUG
         log.log(level, "at %.2f s per step, %d steps fit before stop_at: the run now ends at "
                 "step %d of %d (the lr schedule compressed to match)", pace, fit, target,
                 self.planned_steps)
-        if level == logging.INFO:
+        if moved:
             self._pace_logged = target
         self.total_steps = target
         bar.set_total(target)
