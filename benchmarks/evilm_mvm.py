@@ -23,18 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import table, update_section  # noqa: E402
 
 from leanvl.demo import _stage_config, _train_stage, evaluate_all  # noqa: E402
-
-
-def logged(stage: Path) -> list[dict]:
-    """The records of a stage's ``metrics.jsonl``."""
-    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
+from leanvl.report import read_metrics  # noqa: E402
 
 
 def codebook_curve(stage: Path, every: int) -> list[dict]:
     """The logged codebook utilisation / perplexity of a tokenizer run, every ``every`` steps
     (and the last record)."""
-    records = [r for r in logged(stage) if "metric/codebook_utilisation" in r]
+    records = [r for r in read_metrics(stage) if "metric/codebook_utilisation" in r]
     picked = [r for r in records if r["step"] % every == 0]
     if records and (not picked or picked[-1]["step"] != records[-1]["step"]):
         picked.append(records[-1])
@@ -43,7 +38,7 @@ def codebook_curve(stage: Path, every: int) -> list[dict]:
 
 def steps_taken(stage: Path) -> int:
     """The steps a demo stage really trained (its budget may have cut the preset short)."""
-    return max(int(r["step"]) for r in logged(stage) if "step" in r)
+    return max(int(r["step"]) for r in read_metrics(stage) if "step" in r)
 
 
 def usage_on_test(tokenizer: Path, root: Path, cfg) -> dict:
@@ -63,8 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     demo = Path(args.demo)
     root = demo / "synth"
-    for needed in (demo / "evilm_tokenizer" / "model", demo / "evilm" / "model"):
-        if not needed.is_dir():
+    for needed in (demo / "evilm_tokenizer" / "model", demo / "evilm" / "model",
+                   demo / "evilm_tokenizer" / "metrics.jsonl", demo / "evilm" / "metrics.jsonl"):
+        if not needed.exists():
             raise SystemExit(f"{needed} is missing: run the E-ViLM demo into {demo} first")
     timings: dict[str, float] = {}
 
