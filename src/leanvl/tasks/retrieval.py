@@ -15,10 +15,11 @@
 
 Both the dual-encoder-only metrics (``dual/...``) and the re-ranked ones (``rerank/...``) are
 returned; a model whose ``similarity`` is not the dot product of its ``embedding``s (contract:
-``similarity_is_dot_product``) also gets ``embed/...``, the ranking by those embeddings alone. Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whose
-``similarity`` already is its final score says so with ``needs_rerank = False`` (e.g. a
-mixed-stream Perceiver-VL, which scores every pair with its decoder); step 3 is then skipped
-and the ``dual/`` metrics are the model's metrics.
+``similarity_is_dot_product``) also gets ``embed/...``, the ranking by those embeddings alone.
+Ranks use the pessimistic tie rule of ``leanvl.metrics``. A model whose ``similarity`` already
+is its final score says so with ``needs_rerank = False`` (e.g. a mixed-stream Perceiver-VL,
+which scores every pair with its decoder); step 3 is then skipped and the ``dual/`` metrics are
+the model's metrics.
 
 Distributed: when torch.distributed is initialised (every rank must call these functions) the
 work is split over the ranks: each encodes its contiguous block of the videos and of the texts,
