@@ -648,6 +648,28 @@ def test_similarity_is_scored_in_float32_under_bf16_autocast():
     assert sim.dtype == torch.float32 and len(set(sim[0].tolist())) == 3
 
 
+def test_embedding_ranking_beside_a_joint_score_is_float32_under_bf16_autocast():
+    # a model whose similarity is not the dot product (e.g. mixed-stream Perceiver-VL) also gets
+    # embed/ metrics; the three videos' cosines with the caption differ by less than bf16's
+    # 1/256 steps near 1, so in bf16 they would tie and the pessimistic rule would miss
+    from leanvl.tasks.retrieval import retrieval_from_features
+
+    class JointScore(FakeModel):
+        similarity_is_dot_product = False
+
+    model = JointScore(FakeText())
+    model.needs_rerank = False
+    model.similarity = lambda v, t: torch.zeros(v.embedding.shape[0], t.embedding.shape[0])
+    angles = torch.tensor([0.0, 0.02, 0.03])  # cosines 1.0, 0.9998, 0.99955
+    video = VideoFeatures(torch.zeros(3, 1, 2), torch.stack([angles.cos(), angles.sin()], 1))
+    text = TextFeatures(torch.zeros(1, 1, 2), torch.ones(1, 1), torch.tensor([[1.0, 0.0]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = retrieval_from_features(model, video, text, [0], EvalConfig(rerank_k=0),
+                                         progress_bar=False)
+    assert result["embed/t2v/R@1"] == 100.0  # its own video has the largest cosine
+    assert result["dual/t2v/R@1"] == 0.0  # the all-zero score ties, pessimistically a miss
+
+
 def test_models_whose_similarity_is_final_are_not_reranked():
     model, dataset, text = _retrieval_setup()
     model.needs_rerank = False

@@ -225,8 +225,13 @@ def retrieval_from_features(model, video_feats: VideoFeatures, text_feats: TextF
     if not getattr(model, "similarity_is_dot_product", True) and _has_embeddings(video_feats,
                                                                               text_feats):
         # a model that scores pairs jointly (e.g. mixed-stream Perceiver-VL) also reports what
-        # the dot product of its separate encoders' embeddings alone ranks
-        embedded = text_feats.embedding.float() @ video_feats.embedding.float().t()  # T x V
+        # the dot product of its separate encoders' embeddings alone ranks, in float32 as
+        # similarity_matrix scores: under bf16 autocast the cosines would be rounded to steps
+        # of 1/256 and the pessimistic tie rule would count the ties as misses
+        text_embedding, video_embedding = text_feats.embedding, video_feats.embedding
+        with torch.no_grad(), full_precision(text_embedding.device):
+            embedded = text_embedding.float() @ video_embedding.float().to(
+                text_embedding.device).t()  # T x V
         results.update({f"embed/{k}": v for k, v in
                         retrieval_metrics(embedded.cpu(), text_to_video).items()})
     if cfg_eval.rerank_k and cfg_eval.rerank_k > 0 and not final:
