@@ -407,3 +407,28 @@ def test_mixed_vtm_negatives_mine_half_of_the_swapped_samples(monkeypatch):
     assert 0.3 < hard.float().mean().item() < 0.7
     with pytest.raises(ValueError, match="vtm_negatives"):
         small(vtm_negatives="semi")
+
+
+def test_rank_loss_ranks_every_pair_of_the_batch_by_the_decoder():
+    data = batch(size=4)
+    data["index"] = torch.tensor([0, 1, 2, 0])  # captions 0 and 3 share video 0
+    model = small(stream="mixed", losses=["vtm", "mlm", "rank"], layer_drop=0.0, mlm_ratio=1.0)
+    losses = model.pretrain_losses(data)
+    # independently: the uncached decoder score of every pair, on the clean captions (VTM
+    # and MLM read the masked ones), then softmax over each row and each column
+    video = model.encode_video(data["video"])
+    text = model.encode_text(data["text_ids"], data["text_mask"])
+    scores = torch.stack([model.match(video.index(torch.full((4,), i)), text)
+                          for i in range(4)])
+    positive = (data["index"][:, None] == data["index"][None]).float()
+    expected = 0.0
+    for logits in (scores, scores.t()):
+        log_p = logits.log_softmax(dim=1)
+        expected = expected - ((log_p * positive).sum(1) / positive.sum(1)).mean() / 2
+    assert torch.allclose(losses["rank"], expected, atol=1e-5)
+    model.zero_grad()
+    losses["rank"].backward()
+    assert model.vtm_head.weight.grad.abs().sum() > 0
+    assert model.latents.latents.grad.abs().sum() > 0  # the encoders learn from it too
+    with pytest.raises(ValueError, match="stream='mixed'"):
+        small(stream="single", losses=["vtm", "rank"])

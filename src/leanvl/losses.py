@@ -60,13 +60,33 @@ def vtc_loss(video_embedding: torch.Tensor, text_embedding: torch.Tensor,
         logits_t2v = torch.cat([logits_t2v, text_embedding @ negative_video.t() / temperature],
                                dim=1)
         target_t2v = F.pad(target, (0, negative_video.shape[0]))
-    loss_t2v = -(F.log_softmax(logits_t2v, dim=1) * target_t2v).sum(dim=1).mean()
+    loss_t2v = soft_cross_entropy(logits_t2v, target_t2v)
     if negative_text is not None and negative_text.shape[0]:
         logits_v2t = torch.cat([logits_v2t, video_embedding @ negative_text.t() / temperature],
                                dim=1)
         target = F.pad(target, (0, negative_text.shape[0]))
-    loss_v2t = -(F.log_softmax(logits_v2t, dim=1) * target).sum(dim=1).mean()
+    loss_v2t = soft_cross_entropy(logits_v2t, target)
     return (loss_v2t + loss_t2v) / 2
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of ``logits`` against a target distribution over its columns,
+    averaged over rows."""
+    return -(F.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
+
+
+def ranking_loss(scores: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-entropy over a B x B matrix of a cross-encoder's match logits (row i =
+    video i, column j = caption j): each video ranks the batch's captions and each caption the
+    batch's videos, as VTC does with dot products. ``ids`` marks pairs sharing a video as
+    positives too (target spread evenly over them), as in ``vtc_loss``. Local to the rank: the
+    scores of pairs across ranks would need the other ranks' encodings."""
+    if ids is None:
+        positives = torch.eye(scores.shape[0], device=scores.device)
+    else:
+        positives = (ids.view(-1, 1) == ids.view(1, -1)).float()
+    target = positives / positives.sum(dim=1, keepdim=True)  # symmetric: rows = columns
+    return (soft_cross_entropy(scores, target) + soft_cross_entropy(scores.t(), target)) / 2
 
 
 @torch.no_grad()

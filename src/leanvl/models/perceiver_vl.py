@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanvl.engine.precision import full_precision
-from leanvl.losses import mlm_loss, vtc_loss
+from leanvl.losses import mlm_loss, ranking_loss, vtc_loss
 from leanvl.models.base import TextFeatures, VideoFeatures, VideoLanguageModel
 from leanvl.models.registry import register_model
 from leanvl.nn.attention import QuickGELU
@@ -81,7 +81,7 @@ STREAMS = ("single", "multi", "mixed")
 #: ``leanvl``: the paper's design with leanvl's choices; ``official``: the authors' code (see
 #: ``OfficialMatchingHead``, ``OfficialMLMHead`` and docs/perceiver_vl.md)
 VARIANTS = ("leanvl", "official")
-LOSSES = ("vtm", "mlm", "vtc")
+LOSSES = ("vtm", "mlm", "vtc", "rank")
 LAYOUTS = {"paper": (3, 3), "official": (3, 4)}  # (blocks k, self-attentions per block l)
 ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 #: losses each stream trains by default (the paper pre-trains VTM + MLM; multi-stream is a
@@ -303,6 +303,9 @@ class PerceiverVL(VideoLanguageModel):
         bad = set(self.losses) - set(LOSSES)
         if bad:
             raise ValueError(f"unknown losses {sorted(bad)}; choose from {LOSSES}")
+        if "rank" in self.losses and stream != "mixed":
+            raise ValueError("losses=rank ranks the batch's pairs by their mixed-stream decoder "
+                             f"scores: it needs stream='mixed', got {stream!r}")
         self.stream, self.aggregation = stream, aggregation
         self.num_cross_layers = num_cross_layers
         self.mlm_ratio, self.vtm_swap_prob = float(mlm_ratio), float(vtm_swap_prob)
@@ -562,7 +565,8 @@ class PerceiverVL(VideoLanguageModel):
     # ---- pre-training ---------------------------------------------------------------------
     def pretrain_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """VTM (visual input swapped with p=``vtm_swap_prob``), MLM through the query decoder
-        and, when configured, VTC: ``{vtm, mlm[, vtc]}`` by ``self.losses``."""
+        and, when configured, VTC and the decoder's ranking loss: ``{vtm, mlm[, vtc][, rank]}``
+        by ``self.losses``."""
         if self.stream == "multi" and "vtm" in self.losses:
             raise ValueError("a multi-stream model has no cross-encoder to train with VTM; use "
                              "losses=[vtc, mlm] or stream=mixed")
@@ -585,18 +589,29 @@ class PerceiverVL(VideoLanguageModel):
         video_inputs, video_mask = self.embed.video(video, batch.get("frame_mask"))
         text_inputs = self.embed.text(text_ids, text_mask)
         losses: dict[str, torch.Tensor] = {}
-        video_latents = text_latents = None
+        video_latents = text_latents = clean_text = None
         if self.stream != "single":
             video_latents = self.encode_inputs({"video": (video_inputs, video_mask)})
             text_latents = self.encode_inputs({"text": (text_inputs, text_mask)})
+        if "vtc" in self.losses or "rank" in self.losses:
+            # VTC and the ranking score the clean captions that retrieval will encode, not the
+            # masked ones
+            clean_text = text_latents
+            if clean_text is None or "mlm" in self.losses:
+                clean_text = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
+                                                          text_mask)})
+        if "rank" in self.losses:
+            # every (video, caption) pair of the batch through the mixed-stream decoder, from
+            # the two sides' caches as retrieval scores them, but under the training's autocast:
+            # the B x B pairs' MLP is the costly part, and retrieval's float32 (near ties across
+            # 1,000s of items) buys nothing in a loss
+            scores = self._mixed_scores(self._decoder_cache(video_latents, VIDEO),
+                                        self._decoder_cache(clean_text, TEXT))
+            losses["rank"] = ranking_loss(scores, batch.get("index"))
         if "vtc" in self.losses:
             vtc_video = video_latents if video_latents is not None else self.encode_inputs(
                 {"video": (video_inputs, video_mask)})  # single: the pre-filter's encodings
-            vtc_text = text_latents
-            if vtc_text is None or "mlm" in self.losses:
-                # VTC aligns the clean captions that retrieval will encode, not the masked ones
-                vtc_text = self.encode_inputs({"text": (self.embed.text(ids, text_mask),
-                                                        text_mask)})
+            vtc_text = clean_text
             video_embedding = self.pooled_embedding(vtc_video, self.video_proj)
             text_embedding = self.pooled_embedding(vtc_text, self.text_proj)
             losses["vtc"] = vtc_loss(video_embedding, text_embedding, self.temperature,
