@@ -670,6 +670,23 @@ def test_embedding_ranking_beside_a_joint_score_is_float32_under_bf16_autocast()
     assert result["dual/t2v/R@1"] == 0.0  # the all-zero score ties, pessimistically a miss
 
 
+def test_mc_dual_scores_are_float32_under_bf16_autocast():
+    # the options' cosines x 14 differ by less than bf16's 1/16 steps near 14: in bf16 the
+    # three would tie and the pessimistic rule would call the item wrong
+    from leanvl.tasks.mc import option_scores
+
+    model = FakeModel(FakeText())
+    model.similarity = lambda v, t: v.embedding @ t.embedding.t() * 14.0
+    angles = torch.tensor([0.03, 0.0, 0.02])  # option 1 is the video's own direction
+    options = TextFeatures(torch.zeros(3, 1, 2), torch.ones(3, 1),
+                           torch.stack([angles.cos(), angles.sin()], 1))
+    video = VideoFeatures(torch.zeros(1, 1, 2), torch.tensor([[1.0, 0.0]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = option_scores(model, video, options, num_options=3, vtm_weight=0.0)
+    assert scores.dtype == torch.float32 and scores.argmax().item() == 1
+    assert len(set(scores[0].tolist())) == 3
+
+
 def test_models_whose_similarity_is_final_are_not_reranked():
     model, dataset, text = _retrieval_setup()
     model.needs_rerank = False

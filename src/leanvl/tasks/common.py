@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from leanvl.engine import distributed
+from leanvl.engine.precision import full_precision
 from leanvl.models.base import TextFeatures, VideoFeatures, feature_fields, map_features
 
 Features = TypeVar("Features", VideoFeatures, TextFeatures)
@@ -170,6 +171,18 @@ def move_features(features: Features, device: torch.device | str | None,
         return tensor.to(device, non_blocking=non_blocking) if device is not None else tensor
 
     return map_features(features, move)
+
+
+def float32_similarity(model, video: VideoFeatures, text: TextFeatures,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """``model.similarity(video, text)`` on float32 copies of the features with autocast off
+    (on ``device``, default where the text features are): under bf16 autocast, cosine /
+    temperature values near 10 are rounded to steps of 1/16, and the pessimistic tie rule of
+    every ranking metric would count the ties as misses."""
+    device = text.embedding.device if device is None else device
+    with torch.no_grad(), full_precision(torch.device(device)):
+        return model.similarity(move_features(video, device, torch.float32),
+                                move_features(text, device, torch.float32)).float()
 
 
 def cat_features(parts: Sequence[Features]) -> Features:

@@ -30,6 +30,7 @@ from leanvl.models.base import TextFeatures, VideoFeatures
 from leanvl.tasks.common import (
     eval_loader,
     evaluating,
+    float32_similarity,
     gather_rows,
     progress,
     shard_dataset,
@@ -56,7 +57,7 @@ def option_scores(model, video_feats: VideoFeatures, option_feats: TextFeatures,
         logits = model.match(video_feats.index(owner), option_feats)
         scores = scores + vtm_weight * torch.sigmoid(logits.float()).view(batch, num_options)
     if vtm_weight < 1:
-        sim = model.similarity(video_feats, option_feats).float()  # B x (B*O)
+        sim = float32_similarity(model, video_feats, option_feats)  # B x (B*O)
         rows = torch.arange(batch, device=sim.device)
         own = sim.view(batch, batch, num_options)[rows, rows]
         if padding is not None:

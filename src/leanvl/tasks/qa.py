@@ -39,6 +39,7 @@ from leanvl.tasks.common import (
     batches,
     eval_loader,
     evaluating,
+    float32_similarity,
     gather_rows,
     has_method,
     progress,
@@ -180,7 +181,7 @@ def rank_answers(model, video_feats: VideoFeatures, question_feats: TextFeatures
     if top_k and 0 < top_k < num_answers:
         if answer_feats is None:
             raise ValueError("pre-filtering needs the encoded answers (answer_feats)")
-        candidates = model.similarity(video_feats, answer_feats).float().topk(top_k, 1).indices
+        candidates = float32_similarity(model, video_feats, answer_feats).topk(top_k, 1).indices
     else:
         candidates = torch.arange(num_answers, device=video_feats.embedding.device).repeat(
             size, 1)

@@ -46,6 +46,7 @@ from leanvl.tasks.common import (
     cat_features,
     eval_loader,
     evaluating,
+    float32_similarity,
     gather_features,
     gather_rows,
     move_features,
@@ -126,20 +127,17 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
     sim = torch.empty(mine.stop - mine.start, num_videos, dtype=torch.float32, device=out_device)
     text_blocks = list(batches(mine.stop, chunk_size, mine.start))
     compute_device = torch.device(device) if device is not None else out_device
-    # float32 scores: under bf16 autocast, cosine/temperature values near 10 are rounded to
-    # steps of 1/16, and the (pessimistic) tie rule would then rank many true matches low
-    with torch.no_grad(), full_precision(compute_device):
-        for text_rows in progress(text_blocks, "similarity", enabled=progress_bar):
-            text = move_features(text_feats.index(text_rows), device, torch.float32)
-            for video_rows in batches(num_videos, chunk_size):
-                video = move_features(video_feats.index(video_rows), device, torch.float32)
-                block = model.similarity(video, text)
-                expected = (video_rows.stop - video_rows.start, text_rows.stop - text_rows.start)
-                if tuple(block.shape) != expected:
-                    raise ValueError(f"model.similarity returned {tuple(block.shape)}, expected "
-                                     f"videos x texts = {expected}")
-                sim[text_rows.start - mine.start:text_rows.stop - mine.start, video_rows] = \
-                    block.t().float().to(out_device)
+    for text_rows in progress(text_blocks, "similarity", enabled=progress_bar):
+        text = text_feats.index(text_rows)
+        for video_rows in batches(num_videos, chunk_size):
+            block = float32_similarity(model, video_feats.index(video_rows), text,
+                                       compute_device)
+            expected = (video_rows.stop - video_rows.start, text_rows.stop - text_rows.start)
+            if tuple(block.shape) != expected:
+                raise ValueError(f"model.similarity returned {tuple(block.shape)}, expected "
+                                 f"videos x texts = {expected}")
+            sim[text_rows.start - mine.start:text_rows.stop - mine.start, video_rows] = \
+                block.t().to(out_device)
     return gather_rows(sim, num_texts)
 
 
