@@ -128,7 +128,8 @@ def similarity_matrix(model, video_feats: VideoFeatures, text_feats: TextFeature
     text_blocks = list(batches(mine.stop, chunk_size, mine.start))
     compute_device = torch.device(device) if device is not None else out_device
     for text_rows in progress(text_blocks, "similarity", enabled=progress_bar):
-        text = text_feats.index(text_rows)
+        # cast once per text block: float32_similarity's own cast is then a no-op for it
+        text = move_features(text_feats.index(text_rows), compute_device, torch.float32)
         for video_rows in batches(num_videos, chunk_size):
             block = float32_similarity(model, video_feats.index(video_rows), text,
                                        compute_device)
