@@ -120,6 +120,12 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     rows = model.embed.token_embed if name.startswith("perceiver") else \
         model.text_encoder.embeddings.word_embeddings
     assert rows.num_embeddings == len(kept) and model.text_vocab_ids == kept
+    # a training checkpoint loads on its own too: it records the kept ids the build derived
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1]
+    from_checkpoint = load_pretrained(checkpoint)
+    assert from_checkpoint.text_vocab_ids == kept
+    for key, value in model.state_dict().items():
+        assert torch.equal(from_checkpoint.state_dict()[key], value), key
     text = build_text_encoder(cfg.data, model)
     caption = json.loads((root / "pretrain.jsonl").read_text().splitlines()[0])["caption"][0]
     ids = text([caption])["text_ids"][0]

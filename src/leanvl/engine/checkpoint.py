@@ -379,7 +379,8 @@ def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.M
         model_cfg = checkpoint.get("config", {}).get("model", {})
         if not model_cfg.get("name"):
             raise ValueError(f"{path}: the checkpoint's config names no model")
-        config = {"name": model_cfg["name"], "kwargs": dict(model_cfg.get("kwargs") or {}),
+        kwargs = checkpoint.get("model_kwargs") or model_cfg.get("kwargs") or {}
+        config = {"name": model_cfg["name"], "kwargs": dict(kwargs),
                   "excluded_prefixes": checkpoint.get("model_excluded_prefixes", []),
                   "extra": {}}
         state = checkpoint["model"]

@@ -58,6 +58,7 @@ from leanvl.engine.checkpoint import (
     model_state,
     restore_rng_state,
     save_checkpoint,
+    to_plain,
 )
 from leanvl.engine.logging import MetricsWriter, ProgressBar
 from leanvl.engine.optim import (
@@ -311,6 +312,9 @@ class Trainer:
             "format": "leanvl.checkpoint/1",
             "model": model_state(self.model, excluded),
             "model_excluded_prefixes": excluded,
+            # the kwargs it was built with: the config's, plus what the build derived from the
+            # data (a truncated vocabulary's ids), so that the checkpoint loads on its own
+            "model_kwargs": to_plain(getattr(self.model, "registry_kwargs", None)),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
