@@ -124,8 +124,20 @@ def test_pretraining_with_a_truncated_vocabulary_releases_and_reloads_it(tmp_pat
     checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1]
     from_checkpoint = load_pretrained(checkpoint)
     assert from_checkpoint.text_vocab_ids == kept
+    reloaded = from_checkpoint.state_dict()
     for key, value in model.state_dict().items():
-        assert torch.equal(from_checkpoint.state_dict()[key], value), key
+        assert torch.equal(reloaded[key], value), key
+    # and training on from it keeps its vocabulary, whatever the new corpus counts
+    from leanvl.tasks.build import truncate_vocabulary
+
+    other = json.loads((root / "pretrain.jsonl").read_text().splitlines()[0])
+    other["caption"] = ["zebra xylophone quartz"]
+    (tmp_path / "other.jsonl").write_text(json.dumps(other) + "\n")
+    onward = load_config(None, [f"model.name={name}", f"model.kwargs={kwargs}",
+                                f"model.pretrained={checkpoint}", f"data.root={root}",
+                                f"data.train={tmp_path / 'other.jsonl'}",
+                                "data.vocab_keep_fraction=0.01"])
+    assert truncate_vocabulary(onward, build_text_encoder(onward.data))["text_vocab_ids"] == kept
     text = build_text_encoder(cfg.data, model)
     caption = json.loads((root / "pretrain.jsonl").read_text().splitlines()[0])["caption"][0]
     ids = text([caption])["text_ids"][0]

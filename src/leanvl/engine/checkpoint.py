@@ -314,6 +314,26 @@ def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
     return _pick_input_settings(data)
 
 
+def _checkpoint_model_kwargs(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs a checkpoint's model was built with (``model_kwargs``: the config's plus
+    what the build derived from the data); the config's alone in checkpoints older than it."""
+    kwargs = checkpoint.get("model_kwargs") or \
+        (checkpoint.get("config") or {}).get("model", {}).get("kwargs") or {}
+    return dict(kwargs)
+
+
+def trained_model_kwargs(path: str | os.PathLike) -> dict[str, Any]:
+    """The kwargs a model was built with: from released weights' config.json (a folder, or its
+    ``model.safetensors``) or a training checkpoint; ``{}`` where none are recorded."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".pt":  # its tensors are not read
+        return _checkpoint_model_kwargs(load_checkpoint(path, mmap=True))
+    config = (path.parent if path.is_file() else path) / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    return dict(json.loads(config.read_text()).get("kwargs") or {})
+
+
 def released_eval_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The evaluation settings released weights ask for (``extra.eval`` of config.json, e.g.
     the authors' re-ranking depth and multiple-choice weights of converted UMT models); ``{}``
@@ -379,8 +399,7 @@ def load_pretrained(path: str | os.PathLike, create_model_fn: Callable[..., nn.M
         model_cfg = checkpoint.get("config", {}).get("model", {})
         if not model_cfg.get("name"):
             raise ValueError(f"{path}: the checkpoint's config names no model")
-        kwargs = checkpoint.get("model_kwargs") or model_cfg.get("kwargs") or {}
-        config = {"name": model_cfg["name"], "kwargs": dict(kwargs),
+        config = {"name": model_cfg["name"], "kwargs": _checkpoint_model_kwargs(checkpoint),
                   "excluded_prefixes": checkpoint.get("model_excluded_prefixes", []),
                   "extra": {}}
         state = checkpoint["model"]

@@ -52,7 +52,8 @@ def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
 
     With ``data.vocab_keep_fraction`` < 1 the most frequent tokens of the training captions are
     kept (specials always). Weights that already have a truncated vocabulary keep theirs:
-    ``text_vocab_ids`` in ``model.kwargs`` or in the ``config.json`` of ``model.pretrained``.
+    ``text_vocab_ids`` in ``model.kwargs`` or recorded with ``model.pretrained`` (its
+    ``config.json``, or a training checkpoint's ``model_kwargs``).
     Returns {text_vocab_ids, special_ids}, which the model stores in its released config.
     """
     from leanvl.engine.checkpoint import to_plain
@@ -80,17 +81,13 @@ def truncate_vocabulary(cfg: Any, text: TextEncoder) -> dict[str, Any]:
 
 
 def _released_vocabulary(pretrained: str) -> list[int] | None:
-    """``text_vocab_ids`` of released weights at ``pretrained`` (None if absent)."""
-    import json
+    """``text_vocab_ids`` of the weights at ``pretrained`` (released, or a training
+    checkpoint); None if absent."""
+    from leanvl.engine.checkpoint import trained_model_kwargs
 
-    from leanvl.engine.checkpoint import CONFIG_NAME
-
-    if not pretrained:
+    if not pretrained or not Path(pretrained).exists():
         return None
-    config = Path(pretrained) / CONFIG_NAME
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("kwargs", {}).get("text_vocab_ids")
+    return trained_model_kwargs(pretrained).get("text_vocab_ids")
 
 
 def build_model(model_cfg: Any, extra_kwargs: dict[str, Any] | None = None) -> nn.Module:
