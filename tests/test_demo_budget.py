@@ -14,6 +14,7 @@ from leanvl.demo_budget import (
     StagePlan,
     StageProbe,
     eval_seconds,
+    format_plan,
     load_plan,
     plan_stages,
     probe_from_steps,
@@ -53,6 +54,28 @@ def test_reused_stage_keeps_its_plan_and_frees_its_time():
     plans = plan_stages(probes, 150.0, fixed={"a": reused})
     assert plans[0] is reused
     assert plans[1].steps == 150  # all 150 s go to b
+
+
+def test_a_cheap_stage_keeps_its_whole_preset():
+    # a costs 78 s whole (under a tenth of 1,000 s): it keeps 78 steps, b gets the rest
+    probes = [_probe("a", 78, 1.0), _probe("b", 2000, 1.0)]
+    plans = plan_stages(probes, 1000.0)
+    assert [p.steps for p in plans] == [78, 922]
+    # with every stage scaled alike, a would have been cut to under half of its steps
+    assert plan_stages(probes, 1000.0, whole_fraction=0.0)[0].steps == 37
+    # over the share it is scaled with the rest; all cheap: scaled alike as before
+    assert plan_stages(probes, 700.0)[0].steps < 78
+    assert [p.steps for p in plan_stages([_probe("a", 30, 1.0), _probe("b", 40, 1.0)], 35.0)
+            ] == [15, 20]
+
+
+def test_printed_plan_names_the_scaled_share_and_the_whole_stages():
+    plans = plan_stages([_probe("teacher", 78, 1.0), _probe("stage 2", 2000, 1.0)], 1000.0)
+    text = format_plan(plans, {"cpu": "test"}, {"evaluation": 60.0}, 1200.0, 30.0)
+    assert "78/78" in text and "922/2000" in text
+    assert "46% of the presets'" in text and "teacher: whole (cheap)" in text
+    # 30 s spent + 1,000 s of stages + 60 s of evaluation, in minutes
+    assert f"{1090 / 60:7.1f}" in text.splitlines()[-2]
 
 
 def test_stage_seconds_counts_set_up_and_each_epoch_start():

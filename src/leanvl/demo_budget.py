@@ -2,10 +2,10 @@
 
 ``leanvl demo`` measures every stage for a few steps (``StageProbe``: the seconds a step takes,
 what a stage costs besides its steps, how long a new epoch's loader takes to start), estimates
-the evaluation, and ``plan_stages`` shrinks all stages by one common factor until synthesis,
-training and evaluation fit the budget. A stage never runs longer than its preset (the nominal
-length: ``train.epochs``); warm-up keeps its share of the run, so warm-up and cosine span the
-steps a stage really takes. The plan is written to the demo folder and reused by a rerun, so
+the evaluation, and ``plan_stages`` shrinks the stages by one common factor until synthesis,
+training and evaluation fit the budget (a stage that costs little keeps its whole length). A
+stage never runs longer than its preset (the nominal length: ``train.epochs``); warm-up keeps
+its share of the run, so warm-up and cosine span the steps a stage really takes. The plan is written to the demo folder and reused by a rerun, so
 stages that finished keep an identical config and are not trained again.
 """
 
@@ -25,6 +25,11 @@ PROBE_WARM = 2
 #: kept free for what the plan cannot see coming (load from other processes, the report)
 RESERVE_FRACTION = 0.05
 RESERVE_MIN_SECONDS = 20.0
+#: a stage whose whole preset costs at most this share of the training time keeps it whole:
+#: cutting it saves little, and a short stage cut shorter may not learn at all (the demo's
+#: CLIP stand-in teacher: 78 steps cost ~35 s of ~600; cut to 44-49 steps, its VTC loss ended
+#: at chance in two runs of four, and stage 1 then copied near-constant features)
+WHOLE_STAGE_FRACTION = 0.1
 PLAN_FILE = "demo_plan.json"
 
 
@@ -76,12 +81,20 @@ def warmup_steps(steps: int, fraction: float) -> int:
     return min(steps, round(fraction * steps))
 
 
-def plan_stages(probes: list[StageProbe], seconds: float, fixed: dict[str, StagePlan] | None = None
-                ) -> list[StagePlan]:
+def plan_stages(probes: list[StageProbe], seconds: float, fixed: dict[str, StagePlan] | None = None,
+                whole_fraction: float = WHOLE_STAGE_FRACTION) -> list[StagePlan]:
     """Steps per stage so that their expected time fits ``seconds``: the nominal steps of every
     stage times the largest common factor <= 1 that fits (at least one step each). ``fixed``
-    stages (by name) keep their plan; their expected time (0 when reused) is taken first."""
-    fixed = fixed or {}
+    stages (by name) keep their plan; their expected time (0 when reused) is taken first. A
+    stage whose whole preset costs at most ``whole_fraction`` of ``seconds`` keeps all its
+    steps, and the others share what is left (when the cheap stages alone do not fit, every
+    stage is scaled)."""
+    fixed = dict(fixed or {})
+    cheap = {p.name: _whole_plan(p) for p in probes if p.name not in fixed
+             and stage_seconds(p, p.nominal_steps) <= whole_fraction * seconds}
+    if cheap and len(cheap) < len([p for p in probes if p.name not in fixed]) and \
+            sum(plan.expected_seconds for plan in cheap.values()) < seconds:
+        fixed.update(cheap)
     free = [p for p in probes if p.name not in fixed]
     left = seconds - sum(fixed[p.name].expected_seconds for p in probes if p.name in fixed)
 
@@ -108,6 +121,13 @@ def plan_stages(probes: list[StageProbe], seconds: float, fixed: dict[str, Stage
                                probe.nominal_steps, probe.step_seconds,
                                stage_seconds(probe, steps)))
     return plans
+
+
+def _whole_plan(probe: StageProbe) -> StagePlan:
+    return StagePlan(probe.name, probe.nominal_steps,
+                     warmup_steps(probe.nominal_steps, probe.warmup_fraction),
+                     probe.nominal_steps, probe.step_seconds,
+                     stage_seconds(probe, probe.nominal_steps))
 
 
 def reserve_seconds(budget_seconds: float) -> float:
@@ -151,8 +171,11 @@ def format_plan(plans: list[StagePlan], header: dict[str, str], estimates: dict[
     if all(p.reused for p in plans):
         lines.append("  every stage was trained before with this plan: reused")
     elif scaled:
+        whole = [p.name for p in plans if p.steps == p.nominal_steps and not p.reused]
+        kept = f"; {', '.join(whole)}: whole (cheap)" if whole else ""
         lines.append(f"  steps per stage: {scaled[0].steps / scaled[0].nominal_steps:.0%} of the "
-                     "presets' (steps/nominal) to fit the budget; warm-up and cosine span them")
+                     "presets' (steps/nominal) to fit the budget; warm-up and cosine span them"
+                     + kept)
     else:
         lines.append("  every stage keeps its preset's length (the budget allows more; the plan "
                      "never trains longer than the presets)")
