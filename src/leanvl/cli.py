@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate weights on data.test: retrieval, qa, mc, classify, "
                        "or probe (a linear probe trained on data.train's frozen features)")
     p.add_argument("task", choices=["retrieval", "qa", "mc", "classify", "probe"])
-    p.add_argument("--model", help="released weights folder (sets model.pretrained)")
+    p.add_argument("--model", help="released weights folder or a .pt checkpoint "
+                   "(sets model.pretrained)")
     p.add_argument("--config", help="preset name or YAML file for data/eval settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
