@@ -307,11 +307,15 @@ def trained_input_settings(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_file() and path.suffix == ".pt":  # its tensors are not read
         data = load_checkpoint(path, mmap=True).get("config", {}).get("data", {})
     else:
-        config = (path.parent if path.is_file() else path) / CONFIG_NAME
-        if not config.is_file():
-            return {}
-        data = (json.loads(config.read_text()).get("extra") or {}).get("data", {})
+        data = (_released_config(path).get("extra") or {}).get("data", {})
     return _pick_input_settings(data)
+
+
+def _released_config(path: Path) -> dict[str, Any]:
+    """The config.json of released weights (``path``: their folder or a file in it); ``{}``
+    where there is none."""
+    config = (path.parent if path.is_file() else path) / CONFIG_NAME
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
 def _checkpoint_model_kwargs(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -328,10 +332,7 @@ def trained_model_kwargs(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":  # its tensors are not read
         return _checkpoint_model_kwargs(load_checkpoint(path, mmap=True))
-    config = (path.parent if path.is_file() else path) / CONFIG_NAME
-    if not config.is_file():
-        return {}
-    return dict(json.loads(config.read_text()).get("kwargs") or {})
+    return dict(_released_config(path).get("kwargs") or {})
 
 
 def released_eval_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -339,10 +340,9 @@ def released_eval_settings(path: str | os.PathLike) -> dict[str, Any]:
     the authors' re-ranking depth and multiple-choice weights of converted UMT models); ``{}``
     where none are recorded."""
     path = Path(path)
-    config = (path.parent if path.is_file() else path) / CONFIG_NAME
-    if path.suffix == ".pt" or not config.is_file():
+    if path.suffix == ".pt":
         return {}
-    return dict((json.loads(config.read_text()).get("extra") or {}).get("eval") or {})
+    return dict((_released_config(path).get("extra") or {}).get("eval") or {})
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
