@@ -5,8 +5,9 @@ what a stage costs besides its steps, how long a new epoch's loader takes to sta
 the evaluation, and ``plan_stages`` shrinks the stages by one common factor until synthesis,
 training and evaluation fit the budget (a stage that costs little keeps its whole length). A
 stage never runs longer than its preset (the nominal length: ``train.epochs``); warm-up keeps
-its share of the run, so warm-up and cosine span the steps a stage really takes. The plan is written to the demo folder and reused by a rerun, so
-stages that finished keep an identical config and are not trained again.
+its share of the run, so warm-up and cosine span the steps a stage really takes. The plan is
+written to the demo folder and reused by a rerun, so stages that finished keep an identical
+config and are not trained again.
 """
 
 from __future__ import annotations
@@ -90,12 +91,13 @@ def plan_stages(probes: list[StageProbe], seconds: float, fixed: dict[str, Stage
     steps, and the others share what is left (when the cheap stages alone do not fit, every
     stage is scaled)."""
     fixed = dict(fixed or {})
-    cheap = {p.name: _whole_plan(p) for p in probes if p.name not in fixed
-             and stage_seconds(p, p.nominal_steps) <= whole_fraction * seconds}
-    if cheap and len(cheap) < len([p for p in probes if p.name not in fixed]) and \
+    free = [p for p in probes if p.name not in fixed]
+    cheap = {p.name: _plan_of(p, p.nominal_steps) for p in free
+             if stage_seconds(p, p.nominal_steps) <= whole_fraction * seconds}
+    if cheap and len(cheap) < len(free) and \
             sum(plan.expected_seconds for plan in cheap.values()) < seconds:
         fixed.update(cheap)
-    free = [p for p in probes if p.name not in fixed]
+        free = [p for p in free if p.name not in cheap]
     left = seconds - sum(fixed[p.name].expected_seconds for p in probes if p.name in fixed)
 
     def steps_at(scale: float) -> list[int]:
@@ -116,18 +118,14 @@ def plan_stages(probes: list[StageProbe], seconds: float, fixed: dict[str, Stage
         if probe.name in fixed:
             plans.append(fixed[probe.name])
             continue
-        steps = chosen[probe.name]
-        plans.append(StagePlan(probe.name, steps, warmup_steps(steps, probe.warmup_fraction),
-                               probe.nominal_steps, probe.step_seconds,
-                               stage_seconds(probe, steps)))
+        plans.append(_plan_of(probe, chosen[probe.name]))
     return plans
 
 
-def _whole_plan(probe: StageProbe) -> StagePlan:
-    return StagePlan(probe.name, probe.nominal_steps,
-                     warmup_steps(probe.nominal_steps, probe.warmup_fraction),
-                     probe.nominal_steps, probe.step_seconds,
-                     stage_seconds(probe, probe.nominal_steps))
+def _plan_of(probe: StageProbe, steps: int) -> StagePlan:
+    """The plan of ``steps`` steps of a probed stage."""
+    return StagePlan(probe.name, steps, warmup_steps(steps, probe.warmup_fraction),
+                     probe.nominal_steps, probe.step_seconds, stage_seconds(probe, steps))
 
 
 def reserve_seconds(budget_seconds: float) -> float:
